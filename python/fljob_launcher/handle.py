@@ -1,0 +1,227 @@
+"""FLJobHandle: NVFlare's JobHandleSpec on top of one FLJob object."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Callable, Optional
+
+from kubernetes import watch as k8s_watch
+from kubernetes.client.rest import ApiException
+from nvflare.apis.job_launcher_spec import JobHandleSpec, JobReturnCode
+
+from .mapping import GROUP, PLURAL, VERSION, is_terminal, return_code_from_status
+
+DEFAULT_WATCH_TIMEOUT_SECONDS = 60
+DEFAULT_TERMINATE_TIMEOUT = 30.0
+_HTTP_GONE = 410
+_HTTP_NOT_FOUND = 404
+
+# done(obj, deleted) -> True when the observer should stop. obj is the FLJob dict (None when it no longer exists).
+DoneFn = Callable[[Optional[dict], bool], bool]
+
+
+class FLJobHandle(JobHandleSpec):
+    """The JobHandleSpec JobExecutor keeps for one launched job.
+
+    - poll(): one GET of the FLJob. None while status.phase is not terminal (like ``Popen.poll`` and NVFlare's
+      own ``_PendingJobHandle``), then the NVFlare return code (see ``mapping.return_code_from_status``).
+    - wait(): list + watch (field selector ``metadata.name=<name>``) until the phase is terminal; the watch is
+      re-established when the server closes it (timeout, 410 Gone); no status polling loop.
+    - terminate(): merge-patches ``spec.abort: true`` and returns once the operator has recorded
+      ``status.abort.requestedAt`` (or the job finished / disappeared), waiting at most ``terminate_timeout`` s.
+
+    An FLJob that disappears before it finished counts as ABORTED (9): deleting an FLJob aborts its job.
+    """
+
+    def __init__(
+        self,
+        custom_api,
+        name: str,
+        namespace: str,
+        job_id: str = "",
+        watch_timeout_seconds: int = DEFAULT_WATCH_TIMEOUT_SECONDS,
+        terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
+        watch_factory=None,
+        logger: Optional[logging.Logger] = None,
+    ):
+        super().__init__()
+        self.custom_api = custom_api
+        self.name = name
+        self.namespace = namespace
+        self.job_id = job_id
+        self.watch_timeout_seconds = max(1, int(watch_timeout_seconds))
+        self.terminate_timeout = terminate_timeout
+        self._watch_factory = watch_factory or k8s_watch.Watch
+        self.logger = logger or logging.getLogger(self.__class__.__name__)
+        self._lock = threading.Lock()
+        self._return_code: Optional[int] = None
+        self._forced_return_code: Optional[int] = None
+        self.last_status: dict = {}
+
+    def __repr__(self):
+        return f"FLJobHandle({self.namespace}/{self.name}, job_id={self.job_id})"
+
+    # ----- results -------------------------------------------------------------------------------------------
+
+    @property
+    def return_code(self) -> Optional[int]:
+        with self._lock:
+            return self._return_code
+
+    def _record(self, obj: Optional[dict], deleted: bool) -> Optional[int]:
+        """Remember what an observation says; returns the final code once known."""
+        with self._lock:
+            if self._return_code is not None:
+                return self._return_code
+            if obj is not None:
+                self.last_status = dict(obj.get("status") or {})
+            code = None
+            if is_terminal(obj):
+                code = return_code_from_status(obj.get("status"))
+            elif deleted:
+                self.logger.warning(f"FLJob {self.namespace}/{self.name} is gone before it finished: aborted")
+                code = JobReturnCode.ABORTED
+            if code is not None:
+                if self._forced_return_code is not None:
+                    code = self._forced_return_code
+                self._return_code = code
+            return self._return_code
+
+    def _force_return_code(self, code: int):
+        with self._lock:
+            self._forced_return_code = code
+            if self._return_code is not None:
+                self._return_code = code
+
+    # ----- API -----------------------------------------------------------------------------------------------
+
+    def _get(self) -> Optional[dict]:
+        try:
+            return self.custom_api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name)
+        except ApiException as e:
+            if e.status == _HTTP_NOT_FOUND:
+                return None
+            raise
+
+    def _observe(self, done: DoneFn, timeout: Optional[float] = None) -> bool:
+        """List, then watch the FLJob until done(obj, deleted) is True. False if `timeout` s passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        selector = f"metadata.name={self.name}"
+        backoff = 0.5
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                listing = self.custom_api.list_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, field_selector=selector
+                )
+                items = listing.get("items") or []
+                obj = items[0] if items else None
+                if done(obj, obj is None):
+                    return True
+                rv = (listing.get("metadata") or {}).get("resourceVersion")
+                seconds = self.watch_timeout_seconds
+                if remaining is not None:
+                    seconds = max(1, min(seconds, math.ceil(remaining)))
+                w = self._watch_factory()
+                kwargs = dict(
+                    field_selector=selector,
+                    timeout_seconds=seconds,
+                    allow_watch_bookmarks=True,
+                    _request_timeout=seconds + 30,
+                )
+                if rv:
+                    kwargs["resource_version"] = rv
+                for event in w.stream(
+                    self.custom_api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, **kwargs
+                ):
+                    etype = event.get("type")
+                    obj = event.get("raw_object") or event.get("object")
+                    if etype in ("ADDED", "MODIFIED", "DELETED") and isinstance(obj, dict):
+                        if done(obj, etype == "DELETED"):
+                            w.stop()
+                            return True
+                    if deadline is not None and time.monotonic() >= deadline:
+                        w.stop()
+                        break
+                backoff = 0.5  # the watch ended normally (server timeout): list and watch again
+            except ApiException as e:
+                if e.status == _HTTP_GONE:
+                    continue  # resourceVersion too old: list again
+                self.logger.warning(f"watching FLJob {self.namespace}/{self.name} failed: {e.status} {e.reason}")
+                backoff = self._pause(backoff, deadline)
+            except Exception as e:  # connection reset, read timeout, ...
+                self.logger.warning(f"watching FLJob {self.namespace}/{self.name} failed: {type(e).__name__}: {e}")
+                backoff = self._pause(backoff, deadline)
+
+    @staticmethod
+    def _pause(backoff: float, deadline: Optional[float]) -> float:
+        delay = backoff if deadline is None else max(0.0, min(backoff, deadline - time.monotonic()))
+        time.sleep(delay)
+        return min(backoff * 2, 5.0)
+
+    # ----- JobHandleSpec -------------------------------------------------------------------------------------
+
+    def poll(self):
+        code = self.return_code
+        if code is not None:
+            return code
+        try:
+            obj = self._get()
+        except Exception as e:
+            self.logger.warning(f"reading FLJob {self.namespace}/{self.name} failed: {e}")
+            return None
+        return self._record(obj, obj is None)
+
+    def wait(self, timeout: Optional[float] = None):
+        """Block until the FLJob is finished (`timeout` is for tests and tools; JobExecutor waits without one)."""
+        if self.return_code is not None:
+            return None
+        self._observe(lambda obj, deleted: self._record(obj, deleted) is not None, timeout=timeout)
+        return None
+
+    def wait_until_started(self, timeout: float) -> bool:
+        """True once the job is Running (or already past it); False if `timeout` s passed first."""
+
+        def done(obj, deleted):
+            if self._record(obj, deleted) is not None:
+                return True
+            return (obj.get("status") or {}).get("phase") in ("Running", "Aborting")
+
+        return self._observe(done, timeout=timeout)
+
+    def terminate(self):
+        if self.return_code is not None:
+            return None
+        try:
+            obj = self.custom_api.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, {"spec": {"abort": True}}
+            )
+        except ApiException as e:
+            if e.status == _HTTP_NOT_FOUND:
+                self._record(None, True)
+                return None
+            self.logger.error(f"requesting abort of FLJob {self.namespace}/{self.name} failed: {e}")
+            raise
+
+        def recorded(o, deleted):
+            if self._record(o, deleted) is not None or deleted:
+                return True
+            return bool(((o.get("status") or {}).get("abort") or {}).get("requestedAt"))
+
+        if recorded(obj, False):
+            return None
+        if not self._observe(recorded, timeout=self.terminate_timeout):
+            self.logger.warning(
+                f"the operator has not recorded the abort of FLJob {self.namespace}/{self.name} "
+                f"within {self.terminate_timeout} s; spec.abort stays set"
+            )
+        return None
+
+    def _terminate_for_heartbeat_cleanup(self):
+        # JobExecutor calls this instead of terminate() when the FL server forgot the job; same thing for an FLJob.
+        return self.terminate()

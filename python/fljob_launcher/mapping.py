@@ -1,0 +1,209 @@
+"""Pure functions that turn NVFlare job data into FLJob fields and FLJob status into NVFlare codes.
+
+Nothing here talks to Kubernetes, so all of it is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Dict, List, Optional
+
+from nvflare.apis.job_launcher_spec import JobProcessArgs, JobProcessEnv, JobReturnCode
+from nvflare.fuel.common.exit_codes import ProcessExitCode
+from nvflare.utils.job_launcher_utils import (
+    get_credential_env,
+    get_job_launcher_spec,
+    get_portable_resource_spec,
+)
+
+GROUP = "fljob.dev"
+VERSION = "v1alpha1"
+PLURAL = "fljobs"
+KIND = "FLJob"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Aborted"})
+
+# Secret keys the operator reads (API contract: token, signature, ssid) and the NVFlare env var each one becomes
+# inside the worker pod.
+CREDENTIAL_SECRET_KEYS = {
+    JobProcessEnv.AUTH_TOKEN: "token",
+    JobProcessEnv.TOKEN_SIGNATURE: "signature",
+    JobProcessEnv.SSID: "ssid",
+}
+
+# Every code NVFlare's JobExecutor / FL server know by name. status.exitCode values in this set are returned as is.
+KNOWN_RETURN_CODES = frozenset(
+    {
+        JobReturnCode.SUCCESS,  # 0
+        JobReturnCode.EXECUTION_ERROR,  # 1
+        JobReturnCode.ABORTED,  # 9
+        ProcessExitCode.EXCEPTION,  # 101
+        ProcessExitCode.UNSAFE_COMPONENT,  # 102
+        ProcessExitCode.CONFIG_ERROR,  # 103
+        ProcessExitCode.INFRASTRUCTURE_ERROR,  # 104
+        JobReturnCode.UNKNOWN,  # 127
+    }
+)
+
+_DNS_LABEL_MAX = 63
+_PRINT_CONF = "print_conf=True"
+
+
+def _hash(text: str, n: int = 6) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def _sanitize_dns(text: str) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", str(text).lower())
+    name = re.sub(r"-{2,}", "-", name)
+    return name.strip("-")
+
+
+def fljob_name(job_id: str, site: str, prefix: str = "nvf") -> str:
+    """Deterministic DNS-1123 label (<= 63 chars) for the FLJob of NVFlare job `job_id` at FLSite `site`.
+
+    Shape: ``<prefix>-<job id, lowercased, [a-z0-9-] only, truncated>-<6 hex>``. The hash covers the site and the raw
+    job id, so the same NVFlare job deployed to two sites that share a namespace gets two FLJobs, and two job ids
+    that sanitize to the same text still differ. A UUID job id gives 4 + 36 + 7 = 47 characters.
+    """
+    if not job_id:
+        raise ValueError("job id must not be empty")
+    prefix = _sanitize_dns(prefix) or "nvf"
+    suffix = _hash(f"{site}/{job_id}")
+    room = _DNS_LABEL_MAX - len(prefix) - len(suffix) - 2
+    body = _sanitize_dns(job_id)[:room].strip("-")
+    parts = [prefix] + ([body] if body else []) + [suffix]
+    return "-".join(parts)
+
+
+def credentials_secret_name(fljob: str) -> str:
+    return f"{fljob}-creds"
+
+
+def label_value(text: str) -> str:
+    """A valid label value (<= 63 chars, alphanumeric at both ends) derived from `text`."""
+    value = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text))
+    if len(value) > _DNS_LABEL_MAX:
+        value = value[: _DNS_LABEL_MAX - 7] + "-" + _hash(str(text))
+    return value.strip("-_.")
+
+
+def json_safe(value: Any) -> Any:
+    """A deep copy of `value` that JSON can carry (non-JSON leaves become strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def credentials_from_job_args(job_args: Optional[dict]) -> Dict[str, str]:
+    """Secret data (token / signature / ssid) from the JOB_PROCESS_ARGS JobExecutor prepared.
+
+    JobExecutor.start_app fills JobProcessArgs.AUTH_TOKEN / TOKEN_SIGNATURE / SSID from the client's current
+    `client.token`, `client.token_signature` and `client.ssid`; NVFlare's own launchers turn them into the env vars
+    NVFLARE_JOB_AUTH_TOKEN / _TOKEN_SIGNATURE / _SSID with `get_credential_env`, and so do we, then rename them to the
+    Secret keys the operator maps back to those env vars.
+    """
+    env = get_credential_env(job_args or {})
+    return {CREDENTIAL_SECRET_KEYS[k]: v for k, v in env.items() if k in CREDENTIAL_SECRET_KEYS}
+
+
+def options_from_context(args: Any, job_args: Optional[dict]) -> List[str]:
+    """The `--set` options of the job, without NVFlare's trailing print_conf=True (the operator appends it).
+
+    Source order: `FLContextKey.ARGS.set` (a list, what NVFlare's K8s launcher uses), else the OPTIONS entry of
+    JOB_PROCESS_ARGS (``("--set", " a=b c=d print_conf=True")``). Only key=value items are kept.
+    """
+    items: List[str] = []
+    set_list = getattr(args, "set", None) if args is not None else None
+    if isinstance(set_list, (list, tuple)):
+        items = [str(x) for x in set_list]
+    elif job_args:
+        entry = job_args.get(JobProcessArgs.OPTIONS)
+        if entry and len(entry) == 2 and entry[1]:
+            items = str(entry[1]).split()
+    result = []
+    for item in items:
+        item = item.strip()
+        if not item or "=" not in item or item == _PRINT_CONF:
+            continue
+        if item not in result:
+            result.append(item)
+    return result
+
+
+def _gpus_value(value: Any) -> Optional[int]:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_of_gpus must be an integer, got {value!r}")
+    if n < 0:
+        raise ValueError(f"num_of_gpus must be >= 0, got {n}")
+    return n
+
+
+def resources_for_site(job_meta: dict, site_name: str) -> Dict[str, Any]:
+    """FLJob spec.resources for the job at `site_name`, read the way NVFlare 2.9's own K8s launcher reads them.
+
+    Sources (first that has the key wins):
+      gpus   <- launcher_spec[site|default].k8s.num_of_gpus, else portable resource_spec num_of_gpus
+                (resource_spec[site].num_of_gpus, merged with resource_spec["@default"])
+      cpu    <- launcher_spec ... k8s.cpu, else portable num_of_cpus (as a string quantity)
+      memory <- launcher_spec ... k8s.memory, else portable memory ("8Gi")
+    `mem_per_gpu_in_GiB` is GPU device memory (what NVFlare's GPUResourceManager checks); Kubernetes cannot request
+    it, so it is not turned into pod memory. gpus 0 is omitted.
+    """
+    k8s_spec = get_job_launcher_spec(job_meta, site_name, "k8s") or {}
+    portable = get_portable_resource_spec(job_meta, site_name) or {}
+    out: Dict[str, Any] = {}
+    gpus = _gpus_value(k8s_spec.get("num_of_gpus", portable.get("num_of_gpus")))
+    if gpus:
+        out["gpus"] = gpus
+    cpu = k8s_spec.get("cpu")
+    if cpu is None and "num_of_cpus" in portable:
+        cpu = portable["num_of_cpus"]
+    if cpu is not None and cpu != "":
+        out["cpu"] = str(cpu)
+    memory = k8s_spec.get("memory", portable.get("memory"))
+    if memory:
+        out["memory"] = str(memory)
+    return out
+
+
+def job_image_for_site(job_meta: dict, site_name: str) -> Optional[str]:
+    """The image a job asks for at this site (launcher_spec k8s.image, as NVFlare's K8s launcher reads it)."""
+    image = (get_job_launcher_spec(job_meta, site_name, "k8s") or {}).get("image")
+    return image if isinstance(image, str) and image else None
+
+
+def is_terminal(fljob: Optional[dict]) -> bool:
+    return bool(fljob) and (fljob.get("status") or {}).get("phase") in TERMINAL_PHASES
+
+
+def return_code_from_status(status: Optional[dict]) -> Optional[int]:
+    """The code NVFlare should see for an FLJob status, or None while the job is not finished.
+
+    status.exitCode already follows NVFlare's codes (0, 1, 9, 101-104, 127) and is passed through unchanged. Other
+    codes (137 for an OOM kill, 143, 2, ...) become EXECUTION_ERROR (1), like NVFlare's ProcessHandle maps unknown
+    exit codes: JobExecutor then reports them as EXCEPTION (101) for a started worker or INFRASTRUCTURE_ERROR (104)
+    for one still starting. A finished job without an exitCode gets SUCCESS / ABORTED / UNKNOWN from its phase.
+    """
+    status = status or {}
+    phase = status.get("phase")
+    if phase not in TERMINAL_PHASES:
+        return None
+    code = status.get("exitCode")
+    if code is None or isinstance(code, bool):
+        return {
+            "Succeeded": JobReturnCode.SUCCESS,
+            "Aborted": JobReturnCode.ABORTED,
+        }.get(phase, JobReturnCode.UNKNOWN)
+    try:
+        code = int(code)
+    except (TypeError, ValueError):
+        return JobReturnCode.UNKNOWN
+    if code in KNOWN_RETURN_CODES:
+        return code
+    return JobReturnCode.EXECUTION_ERROR
