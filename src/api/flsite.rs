@@ -1,0 +1,229 @@
+//! `FLSite`: one NVFlare client site, its connection settings, the defaults of its jobs and its quota pool.
+
+use super::{Quantity, Resources};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// How long a job's pod may stay unschedulable before the job fails, unless the site says otherwise.
+pub const DEFAULT_PENDING_TIMEOUT_SECONDS: i64 = 120;
+/// Where the workspace is mounted unless the site says otherwise (NVFlare's launcher uses the same path).
+pub const DEFAULT_WORKSPACE: &str = "/var/tmp/nvflare/workspace";
+/// The Python interpreter that runs the worker unless the site says otherwise.
+pub const DEFAULT_PYTHON: &str = "python";
+
+/// One NVFlare client site: how its job workers reach the FL server and the client parent, where their
+/// credentials and startup kit come from, and the quota pool every job of the site is admitted against.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "fljob.dev",
+    version = "v1alpha1",
+    kind = "FLSite",
+    namespaced,
+    status = "FLSiteStatus",
+    shortname = "fls",
+    category = "fljob",
+    printcolumn(name = "Client", type_ = "string", json_path = ".spec.clientName", description = "NVFlare client name"),
+    printcolumn(name = "Jobs", type_ = "integer", json_path = ".status.used.jobs", description = "Jobs holding quota"),
+    printcolumn(name = "Max-Jobs", type_ = "integer", json_path = ".spec.capacity.jobs", description = "Job capacity"),
+    printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.used.gpus", description = "GPUs in use"),
+    printcolumn(name = "Queued", type_ = "integer", json_path = ".status.queued", description = "Jobs waiting for quota"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FLSiteSpec {
+    /// NVFlare client name of this site, passed to the worker as `-c`.
+    #[schemars(length(min = 1, max = 253))]
+    pub client_name: String,
+    /// The FL server the workers connect to.
+    pub server: ServerSpec,
+    /// URL of the client parent's internal listener, passed to the worker as `-p` (for example `tcp://site-a-cp:8004`).
+    #[schemars(length(min = 1))]
+    pub parent_url: String,
+    /// Connection security of the parent listener, passed as `--parent_conn_sec` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub parent_conn_sec: Option<String>,
+    /// Secret in this namespace with keys `token`, `signature` and `ssid`, exposed to every worker as
+    /// `NVFLARE_JOB_AUTH_TOKEN`, `NVFLARE_JOB_TOKEN_SIGNATURE` and `NVFLARE_JOB_SSID`. A job may name its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: Option<String>,
+    /// Secret in this namespace holding the site's startup kit; mounted read-only at `<workspace>/startup` (`-w`).
+    #[schemars(length(min = 1, max = 253))]
+    pub startup_kit_secret: String,
+    /// Where the worker's workspace lives (`-m`).
+    #[serde(default)]
+    pub workspace: WorkspaceSpec,
+    /// Defaults for this site's jobs.
+    pub defaults: SiteDefaults,
+    /// The site's quota pool. Every key is optional; an absent key is unlimited. Lowering it below what is in use
+    /// evicts nothing, it only stops new admissions.
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Seconds a job's pod may stay unschedulable before the job fails with reason Unschedulable (default 120).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub pending_timeout_seconds: Option<i64>,
+}
+
+/// The FL server's address.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSpec {
+    /// host:port of the FL server, passed to the worker as `-g`.
+    #[schemars(length(min = 1))]
+    #[x_kube(validation = Rule::new("self.matches('^[^:/ ]+:[0-9]{1,5}$')").message("server.target must be host:port, for example fl-server.example.org:8002"))]
+    pub target: String,
+    /// Communication scheme, passed as `-scheme` (default grpc).
+    #[serde(default)]
+    pub scheme: Scheme,
+}
+
+/// NVFlare's communication schemes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    /// gRPC (NVFlare's default).
+    #[default]
+    Grpc,
+    /// HTTP.
+    Http,
+    /// Plain TCP.
+    Tcp,
+}
+
+impl Scheme {
+    /// The word NVFlare expects on its command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Grpc => "grpc",
+            Scheme::Http => "http",
+            Scheme::Tcp => "tcp",
+        }
+    }
+}
+
+/// The worker's workspace volume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkspaceSpec {
+    /// Where the workspace is mounted in the worker (default /var/tmp/nvflare/workspace).
+    #[serde(default = "default_workspace")]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("workspace.mountPath must be an absolute path"))]
+    pub mount_path: String,
+    /// A PersistentVolumeClaim in this namespace to use as the workspace; an emptyDir when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub persistent_volume_claim: Option<String>,
+}
+
+fn default_workspace() -> String {
+    DEFAULT_WORKSPACE.to_string()
+}
+
+impl Default for WorkspaceSpec {
+    fn default() -> Self {
+        Self { mount_path: default_workspace(), persistent_volume_claim: None }
+    }
+}
+
+/// Defaults applied to every job of the site that does not set its own.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteDefaults {
+    /// Container image of the NVFlare worker (for example nvflare/nvflare:2.9.0).
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Python interpreter in the image that runs the worker (default `python`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub python_path: Option<String>,
+    /// Resources of a job that does not ask for its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+/// A site's quota pool; an absent key is unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    /// How many jobs may hold quota at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub jobs: Option<i32>,
+    /// GPUs available to jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub gpus: Option<i32>,
+    /// CPU available to jobs (a Kubernetes quantity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).sign() >= 0").message("capacity.cpu must be a non-negative Kubernetes quantity such as 32 or 500m"))]
+    pub cpu: Option<Quantity>,
+    /// Memory available to jobs (a Kubernetes quantity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).sign() >= 0").message("capacity.memory must be a non-negative Kubernetes quantity such as 256Gi"))]
+    pub memory: Option<Quantity>,
+}
+
+/// What the site's pool holds right now. The list of allocations is the ledger: a job holds quota exactly while
+/// an entry with its uid is here.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FLSiteStatus {
+    /// Sum of all allocations.
+    #[serde(default)]
+    pub used: Usage,
+    /// One entry per job holding quota.
+    #[serde(default)]
+    pub allocations: Vec<Allocation>,
+    /// Jobs of this site waiting for quota.
+    #[serde(default)]
+    pub queued: i32,
+    /// The generation of the spec last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready: the site's settings are usable.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// Quota in use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// Jobs holding quota.
+    #[serde(default)]
+    pub jobs: i32,
+    /// GPUs held.
+    #[serde(default)]
+    pub gpus: i32,
+    /// CPU held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Memory held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+}
+
+/// What one job holds from the pool.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    /// Name of the FLJob.
+    pub job: String,
+    /// UID of the FLJob: an allocation belongs to exactly one object, not to a name that may be reused.
+    pub uid: String,
+    /// GPUs held.
+    #[serde(default)]
+    pub gpus: i32,
+    /// CPU held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Memory held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// When the job was admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+}

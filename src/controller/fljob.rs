@@ -1,0 +1,343 @@
+//! The FLJob controller: fetch (caches, plus a Secret check before admission) -> decide (`lifecycle::decide`, pure)
+//! -> apply (pod steps and one status write, only when it changed) -> publish Events for the transitions.
+
+use super::{Context, FINALIZER, affected_by_site, allocation_resources};
+use crate::api::{FLJob, FLJobStatus, FLSite, MANAGER, millis, now};
+use crate::events::{Note, transitions};
+use crate::lifecycle::{self, Decision, Input, PodView, SecretsView, SiteView, Step, decide};
+use crate::metrics::{AbortLabels, ControllerLabels, ErrorLabels};
+use crate::pod::{self, CREDENTIAL_ENV};
+use crate::{Error, Result, kube_err};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{ObjectRef, ReflectHandle};
+use kube::{Api, Resource, ResourceExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, instrument, warn};
+
+/// Builds the FLJob controller on the shared caches.
+pub fn controller(
+    ctx: Arc<Context>,
+    jobs: ReflectHandle<FLJob>,
+    sites: ReflectHandle<FLSite>,
+    pods: ReflectHandle<Pod>,
+    concurrency: u16,
+) -> impl std::future::Future<Output = ()> {
+    let job_store = ctx.jobs.clone();
+    let mapper_store = ctx.jobs.clone();
+    Controller::for_shared_stream(jobs, job_store)
+        .owns_shared_stream(pods)
+        .watches_shared_stream(sites, move |site: Arc<FLSite>| {
+            let ns = site.namespace();
+            let name = site.name_any();
+            mapper_store
+                .state()
+                .into_iter()
+                .filter(|j| j.spec.site == name && j.namespace() == ns && affected_by_site(j))
+                .map(|j| ObjectRef::from_obj(&*j))
+                .collect::<Vec<_>>()
+        })
+        .with_config(Config::default().concurrency(concurrency))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+}
+
+
+/// Reconciles one FLJob.
+#[instrument(skip(job, ctx), fields(fljob = %job.name_any(), namespace = job.namespace().unwrap_or_default(), site = %job.spec.site))]
+pub async fn reconcile(job: Arc<FLJob>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.ready().await;
+    let started = Instant::now();
+    let labels = ControllerLabels { controller: "fljob".into() };
+    ctx.metrics.reconciles.get_or_create(&labels).inc();
+    let result = reconcile_inner(&job, &ctx).await;
+    ctx.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
+    let ns = job.namespace().unwrap_or_default();
+    let jobs: Api<FLJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let has_finalizer = job.finalizers().iter().any(|f| f == FINALIZER);
+    if job.metadata.deletion_timestamp.is_none() && !has_finalizer {
+        add_finalizer(&jobs, job).await?;
+        return Ok(Action::await_change()); // the patch brings the job back with its finalizer
+    }
+    if job.metadata.deletion_timestamp.is_some() && !has_finalizer {
+        return Ok(Action::await_change());
+    }
+
+    let site = ctx.site_of(job);
+    let site_view = match &site {
+        None => SiteView::Missing,
+        Some(site) => {
+            let uid = job.uid().unwrap_or_default();
+            let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
+            let allocation = allocations.iter().find(|a| a.uid == uid).map(allocation_resources);
+            let queue_note = if allocation.is_none() { queue_note(ctx, &ns, site, job) } else { String::new() };
+            SiteView::Found { site, allocation, queue_note }
+        }
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod_name = pod::pod_name(job);
+    let cached = ctx.pods.get(&ObjectRef::new(&pod_name).within(&ns));
+    let recorded = job.status.as_ref().and_then(|s| s.pod_name.clone());
+    let fetched: Option<Pod> = match (&cached, &recorded) {
+        (None, Some(name)) => {
+            // The cache may lag a pod we just created; only the API server can say it is gone.
+            pods.get_opt(name).await.map_err(kube_err("get pod"))?
+        }
+        _ => None,
+    };
+    let pod_view = match (&cached, &fetched, &recorded) {
+        (Some(p), _, _) => PodView::Present(p),
+        (None, Some(p), _) => PodView::Present(p),
+        (None, None, Some(_)) => PodView::Gone,
+        (None, None, None) => PodView::NotFound,
+    };
+    let secrets = match &site {
+        Some(site) if lifecycle::needs_secret_check(job) => check_secrets(ctx, &ns, job, site).await?,
+        _ => SecretsView::NotChecked,
+    };
+    let decision = decide(Input { job, site: site_view, secrets, pod: pod_view, now: now() });
+    apply(ctx, job, site.as_deref(), &pod_name, decision).await
+}
+
+fn queue_note(ctx: &Context, ns: &str, site: &FLSite, job: &FLJob) -> String {
+    let views = ctx.job_views(ns, site);
+    let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
+    let queue = crate::quota::queue(&site.spec.capacity, allocations, &views);
+    let uid = job.uid().unwrap_or_default();
+    let ahead = queue.iter().position(|v| v.uid == uid).unwrap_or(queue.len());
+    lifecycle::queue_note(site, ahead, &pod::effective_resources(job, site))
+}
+
+/// Checks that the Secrets the pod will read exist and have their keys. Only key names are looked at.
+async fn check_secrets(ctx: &Context, ns: &str, job: &FLJob, site: &FLSite) -> Result<SecretsView> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let creds = pod::credentials_secret(job, site);
+    let creds_field = if job.spec.credentials_secret.is_some() {
+        "spec.credentialsSecret of this FLJob".to_string()
+    } else {
+        format!("spec.credentialsSecret of FLSite {}", site.name_any())
+    };
+    let mut wanted: Vec<(String, String, Vec<&str>)> =
+        vec![(site.spec.startup_kit_secret.clone(), format!("spec.startupKitSecret of FLSite {}", site.name_any()), vec![])];
+    if let Some(c) = creds {
+        wanted.push((c, creds_field, CREDENTIAL_ENV.iter().map(|(k, _)| *k).collect()));
+    }
+    for (name, field, keys) in wanted {
+        match api.get_opt(&name).await.map_err(kube_err("get secret"))? {
+            None => {
+                return Ok(SecretsView::Missing(format!("Secret {name:?} ({field}) not found in namespace {ns}")));
+            }
+            Some(secret) => {
+                let data = secret.data.unwrap_or_default();
+                let missing: Vec<&str> = keys.into_iter().filter(|k| !data.contains_key(*k)).collect();
+                if !missing.is_empty() {
+                    return Ok(SecretsView::Missing(format!(
+                        "Secret {name:?} ({field}) lacks key(s) {}; it needs token, signature and ssid",
+                        missing.join(", ")
+                    )));
+                }
+            }
+        }
+    }
+    Ok(SecretsView::Ok)
+}
+
+async fn add_finalizer(api: &Api<FLJob>, job: &FLJob) -> Result<()> {
+    let patch = if job.metadata.finalizers.is_none() {
+        serde_json::json!([{"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": job.finalizers()},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
+        ])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|e| Error::Serialize("finalizer patch", e))?;
+    api.patch(&job.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .map_err(kube_err("add finalizer"))?;
+    Ok(())
+}
+
+async fn remove_finalizer(api: &Api<FLJob>, job: &FLJob) -> Result<()> {
+    let Some(i) = job.finalizers().iter().position(|f| f == FINALIZER) else { return Ok(()) };
+    let patch = serde_json::json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")}
+    ]);
+    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|e| Error::Serialize("finalizer patch", e))?;
+    match api.patch(&job.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(kube_err("remove finalizer")(e)),
+    }
+}
+
+fn ok_if(codes: &[u16]) -> impl Fn(kube::Error) -> std::result::Result<(), kube::Error> + '_ {
+    move |e| match e {
+        kube::Error::Api(s) if codes.contains(&s.code) => Ok(()),
+        e => Err(e),
+    }
+}
+
+async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str, mut d: Decision) -> Result<Action> {
+    let ns = job.namespace().unwrap_or_default();
+    let jobs: Api<FLJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let old = job.status.clone().unwrap_or_default();
+    let status_first = d.steps.contains(&Step::CreatePod);
+    if status_first {
+        write_status(ctx, &jobs, job, &old, &d.status).await?;
+    }
+    for step in std::mem::take(&mut d.steps) {
+        match step {
+            Step::CreatePod => {
+                let Some(site) = site else { continue };
+                if let Some(rejection) = create_pod(ctx, job, site).await? {
+                    // The API server refused the pod (Pod Security, an invalid field): the user must fix the spec.
+                    let mut failed = d.status.clone();
+                    fail_rejected(&mut failed, &rejection);
+                    let base = d.status.clone();
+                    write_status(ctx, &jobs, job, &base, &failed).await.or_else(|e| match e {
+                        Error::Conflict(_) => Ok(()),
+                        e => Err(e),
+                    })?;
+                    return Ok(Action::await_change());
+                }
+            }
+            Step::AnnotatePod { key, value } => {
+                let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+                pods.patch(pod_name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+                    .or_else(ok_if(&[404]))
+                    .map_err(kube_err("annotate pod"))?;
+            }
+            Step::DeletePod => {
+                pods.delete(pod_name, &DeleteParams::default()).await.map(|_| ()).or_else(ok_if(&[404])).map_err(kube_err("delete pod"))?;
+            }
+            Step::ForceDeletePod => {
+                let dp = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+                pods.delete(pod_name, &dp).await.map(|_| ()).or_else(ok_if(&[404])).map_err(kube_err("force-delete pod"))?;
+            }
+            Step::DeleteJob => {
+                jobs.delete(&job.name_any(), &DeleteParams::background())
+                    .await
+                    .map(|_| ())
+                    .or_else(ok_if(&[404]))
+                    .map_err(kube_err("delete fljob"))?;
+                publish(ctx, job, &Note { warning: false, reason: "Expired".into(), message: "ttlSecondsAfterFinished passed; deleting the FLJob".into() }).await;
+            }
+            Step::RemoveFinalizer => remove_finalizer(&jobs, job).await?,
+        }
+    }
+    if !status_first {
+        write_status(ctx, &jobs, job, &old, &d.status).await?;
+    }
+    Ok(d.requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
+}
+
+fn fail_rejected(st: &mut FLJobStatus, message: &str) {
+    st.phase = crate::api::Phase::Failed;
+    st.client_status = Some(crate::status::client_status::EXCEPTION.into());
+    st.exit_code = Some(crate::status::code::CONFIG_ERROR);
+    st.reason = Some("ConfigError".into());
+    let msg = format!("the API server rejected the worker pod: {message}; fix spec.podTemplate or the site's settings");
+    st.message = Some(msg.clone());
+    st.completion_time = Some(now());
+    let c = crate::api::condition(lifecycle::cond::FINISHED, true, "ConfigError", msg, st.observed_generation, &now());
+    crate::api::set_condition(&mut st.conditions, c);
+}
+
+/// Creates the meta ConfigMap and the pod. Ok(Some(message)) when the API server refuses the pod for good.
+async fn create_pod(ctx: &Context, job: &FLJob, site: &FLSite) -> Result<Option<String>> {
+    let ns = job.namespace().unwrap_or_default();
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    cms.create(&PostParams::default(), &pod::meta_configmap(job))
+        .await
+        .map(|_| ())
+        .or_else(ok_if(&[409]))
+        .map_err(kube_err("create meta configmap"))?;
+    let built = match pod::build_pod(job, site) {
+        Ok(p) => p,
+        Err(e) => return Ok(Some(e.to_string())),
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    match pods.create(&PostParams::default(), &built).await {
+        Ok(_) => {
+            info!(pod = %built.name_any(), "created worker pod");
+            Ok(None)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
+        Err(kube::Error::Api(s)) if s.code == 422 || (s.code == 403 && s.message.contains("violates PodSecurity")) => {
+            Ok(Some(s.message.clone()))
+        }
+        Err(e) => Err(kube_err("create pod")(e)),
+    }
+}
+
+/// Writes the status with server-side apply, only when it changed. The resourceVersion makes it a precondition:
+/// a decision made on a stale cache is refused (409) and made again on fresh data.
+async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobStatus, new: &FLJobStatus) -> Result<()> {
+    if old == new && job.status.is_some() {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": FLJob::api_version(&()),
+        "kind": FLJob::kind(&()),
+        "metadata": {"resourceVersion": job.resource_version()},
+        "status": new,
+    });
+    match api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => return Err(Error::Conflict(format!("FLJob {}", job.name_any()))),
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(e) => return Err(kube_err("write fljob status")(e)),
+    }
+    for note in transitions(old, new) {
+        publish(ctx, job, &note).await;
+    }
+    if let (Some(a), None) = (new.abort.as_ref(), old.abort.as_ref().and_then(|a| a.completed_at.as_ref())) {
+        if let (Some(done), Some(method)) = (&a.completed_at, a.method) {
+            let secs = (millis(done) - millis(&a.requested_at)).max(0) as f64 / 1000.0;
+            ctx.metrics.abort_duration.get_or_create(&AbortLabels { method: format!("{method:?}") }).observe(secs);
+        }
+    }
+    Ok(())
+}
+
+async fn publish(ctx: &Context, job: &FLJob, note: &Note) {
+    let ev = Event {
+        type_: if note.warning { EventType::Warning } else { EventType::Normal },
+        reason: note.reason.clone(),
+        note: Some(note.message.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+        warn!(error = %e, reason = %note.reason, "could not publish event");
+    }
+}
+
+/// Retries: a conflict at once (fresh data is already on its way), anything else with a growing delay.
+pub fn error_policy(job: Arc<FLJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&ErrorLabels { controller: "fljob".into(), error: error.metric_label() })
+        .inc();
+    match error {
+        Error::Conflict(_) => Action::requeue(Duration::from_millis(200)),
+        e => {
+            warn!(fljob = %job.name_any(), error = %e, "reconcile failed");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}

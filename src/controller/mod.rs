@@ -1,0 +1,190 @@
+//! The controllers: shared watch caches of FLJobs, FLSites and worker Pods, the FLJob controller (pods, status,
+//! aborts) and the FLSite controller (the quota ledger). Everything they know comes from the API server.
+
+pub mod fljob;
+pub mod flsite;
+
+use crate::api::{FLJob, FLSite, Phase, Resources, is_true};
+use crate::lifecycle::cond;
+use crate::metrics::Metrics;
+use crate::pod::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::quota::JobView;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The finalizer that keeps a deleted FLJob until its abort ran and its quota is back.
+pub const FINALIZER: &str = "fljob.dev/cleanup";
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The API client (every request it makes is counted).
+    pub client: Client,
+    /// FLJobs, as last seen.
+    pub jobs: Store<FLJob>,
+    /// FLSites, as last seen.
+    pub sites: Store<FLSite>,
+    /// Worker pods, as last seen.
+    pub pods: Store<Pod>,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    /// Waits until the three caches hold a full list: decisions on a partial view could release quota
+    /// of jobs that merely were not listed yet.
+    pub async fn ready(&self) {
+        let _ = self.jobs.wait_until_ready().await;
+        let _ = self.sites.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+    }
+
+    /// The cached site of a job.
+    pub fn site_of(&self, job: &FLJob) -> Option<Arc<FLSite>> {
+        let ns = job.namespace().unwrap_or_default();
+        self.sites.get(&ObjectRef::new(&job.spec.site).within(&ns))
+    }
+
+    /// The jobs of a site, as its ledger sees them.
+    pub fn job_views(&self, namespace: &str, site: &FLSite) -> Vec<JobView> {
+        let name = site.name_any();
+        self.jobs
+            .state()
+            .iter()
+            .filter(|j| j.spec.site == name && j.namespace().as_deref() == Some(namespace))
+            .map(|j| job_view(j, site))
+            .collect()
+    }
+}
+
+/// How the ledger sees a job.
+pub fn job_view(job: &FLJob, site: &FLSite) -> JobView {
+    let st = job.status.clone().unwrap_or_default();
+    let finished = st.phase.is_finished();
+    let wants = !finished
+        && job.metadata.deletion_timestamp.is_none()
+        && !job.spec.abort
+        && st.abort.is_none()
+        && is_true(&st.conditions, cond::RESOLVED);
+    JobView {
+        name: job.name_any(),
+        uid: job.uid().unwrap_or_default(),
+        created: job.metadata.creation_timestamp.clone(),
+        wants_quota: wants,
+        done: finished,
+        resources: crate::pod::effective_resources(job, site),
+    }
+}
+
+/// Whether a job may hold or want quota: the jobs a site change must wake.
+pub fn affected_by_site(job: &FLJob) -> bool {
+    let st = job.status.as_ref();
+    let phase = st.map(|s| s.phase).unwrap_or(Phase::Pending);
+    !phase.is_finished() || st.is_some_and(|s| s.allocation.is_some()) || job.metadata.deletion_timestamp.is_some()
+}
+
+/// An allocation as job resources.
+pub fn allocation_resources(a: &crate::api::Allocation) -> Resources {
+    Resources { cpu: a.cpu.clone(), memory: a.memory.clone(), gpus: Some(a.gpus) }
+}
+
+/// Options of [`run`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Watch one namespace; all when None.
+    pub namespace: Option<String>,
+    /// Reported as the Events' instance.
+    pub identity: String,
+    /// How many FLJobs reconcile at once.
+    pub concurrency: u16,
+}
+
+fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn drive<K, S>(name: &'static str, stream: S)
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    stream
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::warn!(watch = name, error = %e, "watch failed; retrying with backoff");
+            }
+        })
+        .await
+}
+
+/// Runs both controllers until shutdown (SIGTERM / SIGINT).
+pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
+    const BUFFER: usize = 1024;
+    let (jobs, job_writer) = reflector::store_shared::<FLJob>(BUFFER);
+    let (sites, site_writer) = reflector::store_shared::<FLSite>(BUFFER);
+    let (pods, pod_writer) = reflector::store_shared::<Pod>(BUFFER);
+    let subscribe = "a shared store always has subscribers";
+    let job_events = job_writer.subscribe().expect(subscribe);
+    let site_events = site_writer.subscribe().expect(subscribe);
+    let pod_events = pod_writer.subscribe().expect(subscribe);
+
+    let pod_config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let job_watch = watcher(api::<FLJob>(&client, &opts.namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(|j| j.managed_fields_mut().clear())
+        .reflect_shared(job_writer);
+    let site_watch = watcher(api::<FLSite>(&client, &opts.namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(|s| s.managed_fields_mut().clear())
+        .reflect_shared(site_writer);
+    let pod_watch = watcher(api::<Pod>(&client, &opts.namespace), pod_config)
+        .default_backoff()
+        .modify(|p| p.managed_fields_mut().clear())
+        .reflect_shared(pod_writer);
+
+    let reporter = Reporter { controller: "fljob-operator".into(), instance: Some(opts.identity.clone()) };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        jobs: jobs.clone(),
+        sites: sites.clone(),
+        pods,
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: metrics.clone(),
+    });
+
+    let job_ctl = fljob::controller(ctx.clone(), job_events.clone(), site_events.clone(), pod_events, opts.concurrency);
+    let site_ctl = flsite::controller(ctx.clone(), site_events, job_events);
+    let gauges = refresh_gauges(ctx.clone());
+    tokio::select! {
+        _ = futures::future::join(job_ctl, site_ctl) => tracing::info!("controllers stopped"),
+        _ = drive("fljobs", job_watch) => {},
+        _ = drive("flsites", site_watch) => {},
+        _ = drive("pods", pod_watch) => {},
+        _ = gauges => {},
+    }
+}
+
+/// Keeps the jobs-by-phase gauges current from the cache (no API calls).
+async fn refresh_gauges(ctx: Arc<Context>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        ctx.metrics.jobs.clear();
+        for j in ctx.jobs.state() {
+            let phase = j.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            let labels = crate::metrics::PhaseLabels { namespace: j.namespace().unwrap_or_default(), phase: format!("{phase:?}") };
+            ctx.metrics.jobs.get_or_create(&labels).inc();
+        }
+    }
+}

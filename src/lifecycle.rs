@@ -1,0 +1,555 @@
+//! Pure: the whole decision for one FLJob. Given the job, what its site's ledger says, whether its Secrets exist and
+//! what its pod shows, it returns the job's new status and the steps the reconciler must take. No I/O here.
+
+use crate::abort::{self, AbortPod, AbortStep};
+use crate::api::{
+    ABORT_ANNOTATION, ABORT_TASK_ANNOTATION, AbortStatus, DEFAULT_ABORT_GRACE_SECONDS, DEFAULT_PENDING_TIMEOUT_SECONDS,
+    FLJob, FLJobStatus, FLSite, Phase, Resources, TaskAbortStatus, after_secs, condition, find_condition, is_true, millis,
+    set_condition, until,
+};
+use crate::pod::{self, BuildError};
+use crate::quota;
+use crate::status::{Outcome, PodState, client_status_of, code, exit_outcome, pod_state, waiting_failure};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use std::time::Duration;
+
+/// Condition types of an FLJob.
+pub mod cond {
+    /// Its FLSite and Secrets exist and its spec can be turned into a pod.
+    pub const RESOLVED: &str = "Resolved";
+    /// It holds quota from its site's pool.
+    pub const ADMITTED: &str = "Admitted";
+    /// Its worker container was seen running.
+    pub const STARTED: &str = "Started";
+    /// It finished (Succeeded, Failed or Aborted).
+    pub const FINISHED: &str = "Finished";
+    /// An App-scope abort was requested.
+    pub const ABORT_REQUESTED: &str = "AbortRequested";
+}
+
+/// What the site's ledger says about this job.
+#[derive(Debug, Clone)]
+pub enum SiteView<'a> {
+    /// The FLSite does not exist.
+    Missing,
+    /// The FLSite exists.
+    Found {
+        /// The site.
+        site: &'a FLSite,
+        /// The job's entry in the site's ledger, if it holds quota.
+        allocation: Option<Resources>,
+        /// Why it waits, when it does not hold quota.
+        queue_note: String,
+    },
+}
+
+/// Whether the Secrets the pod needs exist (checked only before admission).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SecretsView {
+    /// Not checked in this reconcile.
+    NotChecked,
+    /// They exist with every key.
+    Ok,
+    /// What is missing, in words.
+    Missing(String),
+}
+
+/// The worker pod as the reconciler found it.
+#[derive(Debug, Clone, Copy)]
+pub enum PodView<'a> {
+    /// Not found, and the job never recorded one.
+    NotFound,
+    /// The job recorded a pod and the API server confirms it is gone.
+    Gone,
+    /// The pod.
+    Present(&'a Pod),
+}
+
+/// Side effects for the reconciler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Create the meta ConfigMap and the worker pod. The new status is written first: the allocation is recorded
+    /// in the API before the pod exists.
+    CreatePod,
+    /// Set an annotation on the pod.
+    AnnotatePod {
+        /// Key.
+        key: &'static str,
+        /// Value.
+        value: String,
+    },
+    /// Delete the pod with its own grace period.
+    DeletePod,
+    /// Delete the pod with grace period 0.
+    ForceDeletePod,
+    /// Delete the FLJob (TTL after finish).
+    DeleteJob,
+    /// Remove the operator's finalizer: cleanup is complete.
+    RemoveFinalizer,
+}
+
+/// What the reconciler must do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The job's new status.
+    pub status: FLJobStatus,
+    /// Steps, in order.
+    pub steps: Vec<Step>,
+    /// Reconcile again after this long even if nothing changes.
+    pub requeue: Option<Duration>,
+}
+
+/// Everything the decision needs.
+#[derive(Debug, Clone)]
+pub struct Input<'a> {
+    /// The job.
+    pub job: &'a FLJob,
+    /// Its site.
+    pub site: SiteView<'a>,
+    /// Its Secrets.
+    pub secrets: SecretsView,
+    /// Its pod.
+    pub pod: PodView<'a>,
+    /// Now.
+    pub now: Time,
+}
+
+/// True when the reconciler should check the job's Secrets: before admission only.
+pub fn needs_secret_check(job: &FLJob) -> bool {
+    let st = job.status.clone().unwrap_or_default();
+    !st.phase.is_finished()
+        && st.abort.is_none()
+        && !job.spec.abort
+        && job.metadata.deletion_timestamp.is_none()
+        && st.pod_name.is_none()
+        && st.allocation.is_none()
+        && !is_true(&st.conditions, cond::RESOLVED)
+}
+
+/// Backoff for things only polling can notice (a Secret appearing): grows with the time the job has waited,
+/// from 2 s up to 5 min, so checks happen at roughly doubling intervals with no state kept in memory.
+pub fn wait_backoff(since: Option<&Time>, now: &Time) -> Duration {
+    let waited = since.map(|t| ((millis(now) - millis(t)) / 1000).max(0) as u64).unwrap_or(0);
+    Duration::from_secs(waited.clamp(2, 300))
+}
+
+struct Ctx<'a> {
+    job: &'a FLJob,
+    st: FLJobStatus,
+    steps: Vec<Step>,
+    requeue: Option<Duration>,
+    now: Time,
+    generation: Option<i64>,
+}
+
+impl Ctx<'_> {
+    fn cond(&mut self, type_: &str, status: bool, reason: &str, message: impl Into<String>) {
+        let c = condition(type_, status, reason, message, self.generation, &self.now);
+        set_condition(&mut self.st.conditions, c);
+    }
+
+    fn phase(&mut self, phase: Phase) {
+        self.st.phase = phase;
+        let started = is_true(&self.st.conditions, cond::STARTED);
+        self.st.client_status = Some(match phase {
+            Phase::Aborting if !started => crate::status::client_status::STARTING.to_string(),
+            p => client_status_of(p).to_string(),
+        });
+    }
+
+    fn requeue_in(&mut self, d: Duration) {
+        self.requeue = Some(self.requeue.map_or(d, |r| r.min(d)));
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.phase(outcome.phase);
+        self.st.exit_code = Some(outcome.exit_code);
+        self.st.reason = outcome.reason.map(str::to_string);
+        self.st.message = Some(outcome.message.clone());
+        self.st.completion_time = Some(self.now.clone());
+        let reason = outcome.reason.unwrap_or("Succeeded");
+        self.cond(cond::FINISHED, true, reason, outcome.message);
+    }
+
+    fn done(self) -> Decision {
+        Decision { status: self.st, steps: self.steps, requeue: self.requeue }
+    }
+}
+
+/// Decides the job's status and the next steps.
+pub fn decide(input: Input<'_>) -> Decision {
+    let job = input.job;
+    let mut cx = Ctx {
+        job,
+        st: job.status.clone().unwrap_or_default(),
+        steps: Vec::new(),
+        requeue: None,
+        now: input.now.clone(),
+        generation: job.metadata.generation,
+    };
+    cx.st.observed_generation = job.metadata.generation;
+    if cx.st.client_status.is_none() {
+        cx.phase(cx.st.phase);
+    }
+    let allocation = match &input.site {
+        SiteView::Found { allocation, .. } => allocation.clone(),
+        SiteView::Missing => None,
+    };
+
+    if cx.st.phase.is_finished() {
+        finished(&mut cx, &input, allocation.is_some());
+        return cx.done();
+    }
+
+    // An abort, once recorded, runs to its end whatever else happens.
+    if cx.st.abort.is_none() {
+        if let Some(cause) = abort_cause(&cx, &input) {
+            cx.st.abort = Some(AbortStatus { requested_at: cx.now.clone(), cause: Some(cause.to_string()), pod_deleted_at: None, method: None, completed_at: None });
+            let msg = match cause {
+                abort::cause::DELETED => "the FLJob is being deleted; relaying the abort to the worker".to_string(),
+                abort::cause::DEADLINE => format!(
+                    "the job ran longer than activeDeadlineSeconds ({}s); aborting it",
+                    job.spec.active_deadline_seconds.unwrap_or_default()
+                ),
+                _ => "spec.abort is true; relaying the abort to the worker".to_string(),
+            };
+            cx.cond(cond::ABORT_REQUESTED, true, cause, msg);
+        }
+    }
+    if cx.st.abort.is_some() {
+        run_abort(&mut cx, &input);
+        return cx.done();
+    }
+
+    let site = match &input.site {
+        SiteView::Missing => {
+            cx.phase(Phase::Pending);
+            let msg = format!(
+                "FLSite {:?} not found in namespace {}; create it (or fix spec.site); the job waits",
+                job.spec.site,
+                job.namespace().unwrap_or_default()
+            );
+            cx.cond(cond::RESOLVED, false, "SiteNotFound", msg);
+            // The site watch wakes the job up when the site appears.
+            return cx.done();
+        }
+        SiteView::Found { site, .. } => *site,
+    };
+
+    // Observe the pod once it exists.
+    match input.pod {
+        PodView::Present(p) => {
+            observe_pod(&mut cx, site, p);
+            task_abort(&mut cx, p);
+            return cx.done();
+        }
+        PodView::Gone => {
+            let name = cx.st.pod_name.clone().unwrap_or_default();
+            cx.finish(Outcome {
+                phase: Phase::Failed,
+                reason: Some("PodLost"),
+                exit_code: code::UNKNOWN,
+                message: format!("worker pod {name} was deleted by someone else while the job ran; its outcome is unknown"),
+            });
+            return cx.done();
+        }
+        PodView::NotFound => {}
+    }
+
+    if let Some(res) = allocation {
+        // Admitted: record the allocation, then create the pod.
+        if cx.st.allocation.as_ref() != Some(&res) || !is_true(&cx.st.conditions, cond::ADMITTED) {
+            cx.st.allocation = Some(res.clone());
+            cx.cond(cond::ADMITTED, true, "Admitted", format!("holds {} from site {}", describe(&res), site.name_any()));
+        }
+        cx.phase(Phase::Starting);
+        cx.steps.push(Step::CreatePod);
+        return cx.done();
+    }
+
+    // Not admitted yet: resolve references, then queue.
+    if let Err(e) = pod::build_pod(job, site) {
+        cx.phase(Phase::Pending);
+        let reason = match e {
+            BuildError::NoImage(_) => "NoImage",
+            BuildError::NoCredentials(_) => "NoCredentialsSecret",
+        };
+        cx.cond(cond::RESOLVED, false, reason, e.to_string());
+        return cx.done();
+    }
+    match &input.secrets {
+        SecretsView::Missing(what) => {
+            cx.phase(Phase::Pending);
+            cx.cond(cond::RESOLVED, false, "SecretNotFound", format!("{what}; the job waits and proceeds once it exists"));
+            let since = find_condition(&cx.st.conditions, cond::RESOLVED).map(|c| c.last_transition_time.clone());
+            cx.requeue_in(wait_backoff(since.as_ref(), &cx.now));
+            return cx.done();
+        }
+        SecretsView::Ok => {
+            cx.cond(cond::RESOLVED, true, "Resolved", format!("FLSite {} and the Secrets exist", site.name_any()));
+        }
+        SecretsView::NotChecked => {}
+    }
+    let res = pod::effective_resources(job, site);
+    match quota::demand(&res) {
+        Err(msg) => {
+            cx.finish(Outcome { phase: Phase::Failed, reason: Some("ConfigError"), exit_code: code::CONFIG_ERROR, message: msg });
+        }
+        Ok(want) => {
+            let never = quota::shortfall(&site.spec.capacity, quota::Amount::default(), want);
+            if !never.is_empty() {
+                cx.finish(Outcome {
+                    phase: Phase::Failed,
+                    reason: Some("ExceedsCapacity"),
+                    exit_code: code::INFRASTRUCTURE_ERROR,
+                    message: format!(
+                        "the job asks for more than site {} has in total ({}); lower spec.resources or raise the site's capacity",
+                        site.name_any(),
+                        never.join("; ")
+                    ),
+                });
+            } else {
+                cx.phase(Phase::Queued);
+                let note = match &input.site {
+                    SiteView::Found { queue_note, .. } => queue_note.clone(),
+                    SiteView::Missing => String::new(),
+                };
+                cx.cond(cond::ADMITTED, false, "Queued", note);
+            }
+        }
+    }
+    cx.done()
+}
+
+fn describe(r: &Resources) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = &r.cpu {
+        parts.push(format!("cpu {}", c.0));
+    }
+    if let Some(m) = &r.memory {
+        parts.push(format!("memory {}", m.0));
+    }
+    parts.push(format!("gpus {}", r.gpus.unwrap_or(0)));
+    parts.join(", ")
+}
+
+fn abort_cause(cx: &Ctx<'_>, input: &Input<'_>) -> Option<&'static str> {
+    let job = cx.job;
+    let cause = if job.metadata.deletion_timestamp.is_some() {
+        abort::cause::DELETED
+    } else if job.spec.abort {
+        abort::cause::ABORTED
+    } else {
+        let deadline = job.spec.active_deadline_seconds?;
+        let start = cx.st.start_time.as_ref()?;
+        if millis(&cx.now) < after_secs(start, deadline) {
+            return None;
+        }
+        abort::cause::DEADLINE
+    };
+    // An abort that races a completion loses: a worker that already exited ended the job by itself.
+    if let PodView::Present(p) = input.pod {
+        if matches!(pod_state(p), PodState::Exited { .. } | PodState::Evicted { .. } | PodState::Lost { .. }) {
+            return None;
+        }
+    }
+    Some(cause)
+}
+
+fn run_abort(cx: &mut Ctx<'_>, input: &Input<'_>) {
+    let Some(mut a) = cx.st.abort.clone() else { return };
+    let grace = cx.job.spec.abort_grace_period_seconds.unwrap_or(DEFAULT_ABORT_GRACE_SECONDS);
+    let pod = match input.pod {
+        PodView::Present(p) => AbortPod::Present(p),
+        PodView::Gone => AbortPod::Gone,
+        PodView::NotFound if cx.st.pod_name.is_some() => AbortPod::Gone,
+        PodView::NotFound => AbortPod::NeverCreated,
+    };
+    if let PodView::Present(p) = input.pod {
+        cx.st.pod_name = Some(p.name_any());
+        // A delete that happened before a restart is recorded by the pod itself.
+        if a.pod_deleted_at.is_none() && p.metadata.deletion_timestamp.is_some() {
+            a.pod_deleted_at = Some(cx.now.clone());
+        }
+    }
+    // Each step may lead straight to the next (signal then wait), so loop over the pure steps.
+    let mut step = abort::next_step(&a, grace, pod, &cx.now);
+    if step == AbortStep::Signal {
+        cx.steps.push(Step::AnnotatePod { key: ABORT_ANNOTATION, value: "App".into() });
+        // The signal is on its way: what is left of the grace period counts from the request.
+        step = match until(after_secs(&a.requested_at, grace.max(0)), &cx.now) {
+            Some(wait) => AbortStep::Wait(wait),
+            None => AbortStep::DeletePod,
+        };
+    }
+    match step {
+        AbortStep::Signal => {}
+        AbortStep::Wait(d) => {
+            cx.phase(Phase::Aborting);
+            cx.requeue_in(d);
+        }
+        AbortStep::DeletePod => {
+            cx.steps.push(Step::DeletePod);
+            a.pod_deleted_at = Some(cx.now.clone());
+            cx.phase(Phase::Aborting);
+            let again = abort::next_step(&a, grace, pod, &cx.now);
+            if let AbortStep::Wait(d) = again {
+                cx.requeue_in(d);
+            } else {
+                cx.requeue_in(Duration::from_secs(1));
+            }
+        }
+        AbortStep::ForceDelete => {
+            cx.steps.push(Step::ForceDeletePod);
+            complete_abort(cx, &mut a, crate::api::AbortMethod::Forced, code::ABORTED);
+        }
+        AbortStep::Done { method, exit_code } => complete_abort(cx, &mut a, method, exit_code),
+    }
+    cx.st.abort = Some(a);
+}
+
+fn complete_abort(cx: &mut Ctx<'_>, a: &mut AbortStatus, method: crate::api::AbortMethod, exit_code: i32) {
+    a.method = Some(method);
+    a.completed_at = Some(cx.now.clone());
+    let reason = abort::final_reason(a);
+    let msg = if reason == abort::cause::DEADLINE {
+        format!("the job ran past activeDeadlineSeconds and was aborted ({method:?})")
+    } else {
+        format!("the job was aborted ({method:?}); exit code {exit_code}")
+    };
+    cx.finish(Outcome { phase: Phase::Aborted, reason: Some(reason), exit_code, message: msg });
+}
+
+/// Finished jobs: never a new pod; tidy a pod that still lingers, clear a released allocation, honour the TTL and
+/// let a deleted FLJob go once its quota is back in the pool.
+fn finished(cx: &mut Ctx<'_>, input: &Input<'_>, holding: bool) {
+    if !holding && cx.st.allocation.is_some() {
+        cx.st.allocation = None;
+        cx.cond(cond::ADMITTED, false, "Released", "the job finished; its quota went back to the site's pool");
+    }
+    if let PodView::Present(p) = input.pod {
+        let live = !matches!(pod_state(p), PodState::Exited { .. } | PodState::Evicted { .. } | PodState::Lost { .. });
+        if live && p.metadata.deletion_timestamp.is_none() {
+            cx.steps.push(Step::DeletePod);
+        }
+    }
+    if cx.job.metadata.deletion_timestamp.is_some() {
+        if holding {
+            return; // the site's reconciler releases it, and that wakes this job up again
+        }
+        cx.steps.push(Step::RemoveFinalizer);
+        return;
+    }
+    if let (Some(ttl), Some(done)) = (cx.job.spec.ttl_seconds_after_finished, cx.st.completion_time.as_ref()) {
+        match until(after_secs(done, ttl), &cx.now) {
+            Some(wait) => cx.requeue_in(wait),
+            None => cx.steps.push(Step::DeleteJob),
+        }
+    }
+}
+
+fn observe_pod(cx: &mut Ctx<'_>, site: &FLSite, p: &Pod) {
+    cx.st.pod_name = Some(p.name_any());
+    let image = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default();
+    match pod_state(p) {
+        PodState::Waiting { reason, message } => {
+            if let Some(outcome) = reason.as_deref().and_then(|r| waiting_failure(r, message.as_deref(), &image)) {
+                cx.finish(outcome);
+                cx.steps.push(Step::DeletePod);
+            } else {
+                cx.phase(Phase::Starting);
+            }
+        }
+        PodState::Unschedulable { since, message } => {
+            let timeout = site.spec.pending_timeout_seconds.unwrap_or(DEFAULT_PENDING_TIMEOUT_SECONDS);
+            let since = since.or_else(|| p.metadata.creation_timestamp.clone()).unwrap_or_else(|| cx.now.clone());
+            match until(after_secs(&since, timeout), &cx.now) {
+                Some(wait) => {
+                    cx.phase(Phase::Starting);
+                    cx.cond(cond::STARTED, false, "Unschedulable", format!("the pod cannot be scheduled yet: {message}"));
+                    cx.requeue_in(wait);
+                }
+                None => {
+                    cx.finish(Outcome {
+                        phase: Phase::Failed,
+                        reason: Some("Unschedulable"),
+                        exit_code: code::INFRASTRUCTURE_ERROR,
+                        message: format!("the pod stayed unschedulable for {timeout}s: {message}"),
+                    });
+                    cx.steps.push(Step::DeletePod);
+                }
+            }
+        }
+        PodState::Running { started_at } => {
+            if !is_true(&cx.st.conditions, cond::STARTED) {
+                cx.cond(cond::STARTED, true, "Started", format!("worker container of pod {} runs", p.name_any()));
+            }
+            if cx.st.start_time.is_none() {
+                cx.st.start_time = Some(started_at.unwrap_or_else(|| cx.now.clone()));
+            }
+            cx.phase(Phase::Running);
+            if let (Some(deadline), Some(start)) = (cx.job.spec.active_deadline_seconds, cx.st.start_time.as_ref()) {
+                let wait = until(after_secs(start, deadline), &cx.now).unwrap_or_default();
+                cx.requeue_in(wait.max(Duration::from_millis(100)));
+            }
+        }
+        PodState::Exited { code, oom_killed, ran, message, .. } => {
+            let started = ran || is_true(&cx.st.conditions, cond::STARTED);
+            cx.finish(exit_outcome(code, oom_killed, started, message.as_deref()));
+        }
+        PodState::Evicted { message } => {
+            cx.finish(Outcome {
+                phase: Phase::Failed,
+                reason: Some("Evicted"),
+                exit_code: code::ABORTED,
+                message: format!("the worker pod was evicted: {message}"),
+            });
+        }
+        PodState::Lost { reason, message } => {
+            cx.finish(Outcome {
+                phase: Phase::Failed,
+                reason: Some("InfrastructureError"),
+                exit_code: code::INFRASTRUCTURE_ERROR,
+                message: format!("the worker pod failed before its container ran ({reason}: {message})"),
+            });
+        }
+    }
+}
+
+/// NVFlare's ABORT_TASK: relayed to a running worker only, which keeps running.
+fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
+    if cx.st.phase != Phase::Running {
+        return;
+    }
+    let Some(value) = cx.job.annotations().get(ABORT_TASK_ANNOTATION).cloned() else { return };
+    if cx.st.last_task_abort.as_ref().is_some_and(|t| t.value == value) {
+        return;
+    }
+    let on_pod = p.annotations().get(ABORT_TASK_ANNOTATION);
+    if on_pod != Some(&value) {
+        cx.steps.push(Step::AnnotatePod { key: ABORT_TASK_ANNOTATION, value: value.clone() });
+    }
+    cx.st.last_task_abort = Some(TaskAbortStatus { value, relayed_at: cx.now.clone() });
+}
+
+/// Admission order message for a queued job: what is short, or how many jobs are ahead.
+pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> String {
+    let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
+    let used = quota::total(allocations);
+    let short = quota::demand(want).map(|w| quota::shortfall(&site.spec.capacity, used, w)).unwrap_or_default();
+    let mut msg = format!("waiting for quota at site {}", site.name_any());
+    if !short.is_empty() {
+        msg.push_str(&format!(": {}", short.join("; ")));
+    }
+    if ahead > 0 {
+        msg.push_str(&format!(" ({ahead} earlier job(s) ahead in the queue)"));
+    }
+    msg
+}

@@ -1,0 +1,289 @@
+//! Pure: an FLJob and its FLSite -> the worker Pod and the ConfigMap carrying the job meta.
+
+use crate::api::{DEFAULT_PYTHON, FLJob, FLSite, Resources};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Label every object the operator creates carries; the pod watch selects on it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "fljob-operator";
+/// Label naming the FLJob of a pod.
+pub const JOB_LABEL: &str = "fljob.dev/job";
+/// Label naming the FLSite of a pod.
+pub const SITE_LABEL: &str = "fljob.dev/site";
+/// Where the downward-API volume with the pod's annotations is mounted: the worker reads aborts here.
+pub const INFO_DIR: &str = "/etc/fljob";
+/// The worker container's name.
+pub const CONTAINER: &str = "worker";
+/// NVFlare's worker module.
+pub const WORKER_MODULE: &str = "nvflare.private.fed.app.client.worker_process";
+/// Keys of the credentials Secret and the environment variables they become.
+pub const CREDENTIAL_ENV: [(&str, &str); 3] = [
+    ("token", "NVFLARE_JOB_AUTH_TOKEN"),
+    ("signature", "NVFLARE_JOB_TOKEN_SIGNATURE"),
+    ("ssid", "NVFLARE_JOB_SSID"),
+];
+/// The UID the worker runs as: the restricted Pod Security profile needs a non-root user.
+const WORKER_UID: i64 = 1000;
+
+/// Why a pod could not be built from the objects as they are.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BuildError {
+    /// Neither the job nor its site names an image.
+    #[error("no worker image: set spec.image on the FLJob or spec.defaults.image on FLSite {0}")]
+    NoImage(String),
+    /// Neither the job nor its site names a credentials Secret.
+    #[error("no credentials Secret: set spec.credentialsSecret on the FLJob or on FLSite {0}")]
+    NoCredentials(String),
+}
+
+/// The worker pod's name: derived from the FLJob's name and uid, at most 63 characters, unique per FLJob object
+/// (a re-created FLJob of the same name never collides with the old one's terminating pod).
+pub fn pod_name(job: &FLJob) -> String {
+    let uid = job.uid().unwrap_or_default();
+    let digest = Sha256::digest(uid.as_bytes());
+    let suffix: String = digest.iter().take(3).map(|b| format!("{b:02x}")).collect::<String>()[..5].to_string();
+    let name = job.name_any();
+    let mut prefix: String = name.chars().take(63 - 1 - suffix.len()).collect();
+    while prefix.ends_with(['-', '.']) {
+        prefix.pop();
+    }
+    format!("{prefix}-{suffix}")
+}
+
+/// Name of the ConfigMap holding the job meta.
+pub fn meta_configmap_name(job: &FLJob) -> String {
+    format!("{}-meta", pod_name(job))
+}
+
+/// The resources a job runs with: its own, else its site's defaults.
+pub fn effective_resources(job: &FLJob, site: &FLSite) -> Resources {
+    job.spec.resources.clone().or_else(|| site.spec.defaults.resources.clone()).unwrap_or_default()
+}
+
+/// The name of the credentials Secret a job uses.
+pub fn credentials_secret(job: &FLJob, site: &FLSite) -> Option<String> {
+    job.spec.credentials_secret.clone().or_else(|| site.spec.credentials_secret.clone())
+}
+
+fn labels(job: &FLJob) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        ("app.kubernetes.io/name".to_string(), "nvflare-worker".to_string()),
+        (JOB_LABEL.to_string(), job.name_any()),
+        (SITE_LABEL.to_string(), job.spec.site.clone()),
+    ])
+}
+
+fn owned_meta(job: &FLJob, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: job.namespace(),
+        labels: Some(labels(job)),
+        owner_references: job.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The ConfigMap that delivers the job meta to `<workspace>/<jobId>/meta.json`.
+pub fn meta_configmap(job: &FLJob) -> ConfigMap {
+    let meta = job.spec.meta.clone().unwrap_or_else(|| serde_json::json!({}));
+    ConfigMap {
+        metadata: owned_meta(job, meta_configmap_name(job)),
+        data: Some(BTreeMap::from([("meta.json".to_string(), meta.to_string())])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The exact NVFlare 2.9 worker command line. Credentials are never on it: they travel as environment variables.
+pub fn worker_command(job: &FLJob, site: &FLSite) -> Vec<String> {
+    let s = &site.spec;
+    let ws = s.workspace.mount_path.trim_end_matches('/').to_string();
+    let python = s.defaults.python_path.clone().unwrap_or_else(|| DEFAULT_PYTHON.to_string());
+    let mut cmd: Vec<String> = vec![python, "-u".into(), "-m".into(), WORKER_MODULE.into()];
+    let mut flag = |f: &str, v: String| {
+        cmd.push(f.to_string());
+        cmd.push(v);
+    };
+    flag("-m", ws.clone());
+    flag("-w", format!("{ws}/startup"));
+    flag("-n", job.spec.job_id.clone());
+    flag("-c", s.client_name.clone());
+    flag("-p", s.parent_url.clone());
+    flag("-g", s.server.target.clone());
+    flag("-scheme", s.server.scheme.as_str().to_string());
+    if let Some(sec) = &s.parent_conn_sec {
+        flag("--parent_conn_sec", sec.clone());
+    }
+    flag("-s", "fed_client.json".into());
+    cmd.push("--set".into());
+    cmd.extend(job.spec.options.iter().cloned());
+    cmd.push("print_conf=True".into());
+    cmd
+}
+
+fn requirements(res: &Resources) -> ResourceRequirements {
+    let mut amounts = BTreeMap::new();
+    if let Some(cpu) = &res.cpu {
+        amounts.insert("cpu".to_string(), cpu.clone());
+    }
+    if let Some(mem) = &res.memory {
+        amounts.insert("memory".to_string(), mem.clone());
+    }
+    if let Some(g) = res.gpus.filter(|g| *g > 0) {
+        amounts.insert("nvidia.com/gpu".to_string(), Quantity(g.to_string()));
+    }
+    ResourceRequirements { requests: Some(amounts.clone()), limits: Some(amounts), ..Default::default() }
+}
+
+/// The worker pod. Pure: the same inputs always give the same pod.
+pub fn build_pod(job: &FLJob, site: &FLSite) -> Result<Pod, BuildError> {
+    let site_name = site.name_any();
+    let image = job.spec.image.clone().unwrap_or_else(|| site.spec.defaults.image.clone());
+    if image.is_empty() {
+        return Err(BuildError::NoImage(site_name));
+    }
+    let creds = credentials_secret(job, site).ok_or_else(|| BuildError::NoCredentials(site_name.clone()))?;
+    let ws = site.spec.workspace.mount_path.trim_end_matches('/').to_string();
+    let template = job.spec.pod_template.clone().unwrap_or_default();
+    let tmeta = template.metadata.unwrap_or_default();
+    let tspec = template.spec.unwrap_or_default();
+
+    let mut env: Vec<EnvVar> = CREDENTIAL_ENV
+        .iter()
+        .map(|(key, var)| EnvVar {
+            name: var.to_string(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector { name: creds.clone(), key: key.to_string(), optional: Some(false) }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    env.push(EnvVar { name: "PYTHONUNBUFFERED".into(), value: Some("1".into()), ..Default::default() });
+    env.extend(tspec.env.iter().filter(|e| !e.name.starts_with("NVFLARE_JOB_")).cloned());
+
+    let workspace_volume = match &site.spec.workspace.persistent_volume_claim {
+        Some(claim) => Volume {
+            name: "workspace".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: claim.clone(), read_only: Some(false) }),
+            ..Default::default()
+        },
+        None => Volume { name: "workspace".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+    };
+    let mut volumes = vec![
+        workspace_volume,
+        Volume {
+            name: "startup-kit".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(site.spec.startup_kit_secret.clone()),
+                default_mode: Some(0o440),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "job-meta".into(),
+            config_map: Some(ConfigMapVolumeSource { name: meta_configmap_name(job), ..Default::default() }),
+            ..Default::default()
+        },
+        Volume {
+            name: "fljob-info".into(),
+            downward_api: Some(DownwardAPIVolumeSource {
+                items: Some(vec![
+                    DownwardAPIVolumeFile {
+                        path: "annotations".into(),
+                        field_ref: Some(ObjectFieldSelector { field_path: "metadata.annotations".into(), ..Default::default() }),
+                        ..Default::default()
+                    },
+                    DownwardAPIVolumeFile {
+                        path: "labels".into(),
+                        field_ref: Some(ObjectFieldSelector { field_path: "metadata.labels".into(), ..Default::default() }),
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    volumes.extend(tspec.volumes.iter().cloned());
+    let mut mounts = vec![
+        VolumeMount { name: "workspace".into(), mount_path: ws.clone(), ..Default::default() },
+        VolumeMount { name: "startup-kit".into(), mount_path: format!("{ws}/startup"), read_only: Some(true), ..Default::default() },
+        VolumeMount {
+            name: "job-meta".into(),
+            mount_path: format!("{ws}/{}/meta.json", job.spec.job_id),
+            sub_path: Some("meta.json".into()),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount { name: "fljob-info".into(), mount_path: INFO_DIR.into(), read_only: Some(true), ..Default::default() },
+    ];
+    mounts.extend(tspec.volume_mounts.iter().cloned());
+
+    let mut pod_labels = tmeta.labels.clone();
+    pod_labels.extend(labels(job));
+    let mut annotations = tmeta.annotations.clone();
+    annotations.retain(|k, _| !k.starts_with("fljob.dev/"));
+    annotations.insert("fljob.dev/job-id".into(), job.spec.job_id.clone());
+
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(image),
+        command: Some(worker_command(job, site)),
+        working_dir: Some(ws.clone()),
+        env: Some(env),
+        resources: Some(requirements(&effective_resources(job, site))),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    };
+    let mut metadata = owned_meta(job, pod_name(job));
+    metadata.labels = Some(pod_labels);
+    metadata.annotations = Some(annotations);
+    Ok(Pod {
+        metadata,
+        spec: Some(PodSpec {
+            containers: vec![container],
+            restart_policy: Some("Never".into()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            service_account_name: tspec.service_account_name.clone(),
+            node_selector: (!tspec.node_selector.is_empty()).then(|| tspec.node_selector.clone()),
+            tolerations: (!tspec.tolerations.is_empty()).then(|| tspec.tolerations.clone()),
+            affinity: tspec.affinity.clone(),
+            priority_class_name: tspec.priority_class_name.clone(),
+            termination_grace_period_seconds: tspec.termination_grace_period_seconds,
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(WORKER_UID),
+                run_as_group: Some(WORKER_UID),
+                fs_group: Some(WORKER_UID),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            volumes: Some(volumes),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}

@@ -1,0 +1,242 @@
+//! Pure: a site's quota pool. Capacity, the ledger of allocations (kept in `FLSite.status`), and the admit / release
+//! decisions. The ledger is a list of (job uid -> amount): releasing removes an entry, so a job's quota can only
+//! ever be freed once, and admitting is idempotent.
+
+use crate::api::{Allocation, Capacity, Quantity, Resources, Usage};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::collections::HashSet;
+
+/// An amount of quota, in exact integer units (CPU and memory in thousandths, so `500m` and `1.5Gi` are exact).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    /// Jobs.
+    pub jobs: i64,
+    /// GPUs.
+    pub gpus: i64,
+    /// CPU in millicores.
+    pub cpu_milli: i128,
+    /// Memory in thousandths of a byte.
+    pub memory_milli: i128,
+}
+
+impl std::ops::Add for Amount {
+    type Output = Amount;
+    fn add(self, o: Amount) -> Amount {
+        Amount {
+            jobs: self.jobs + o.jobs,
+            gpus: self.gpus + o.gpus,
+            cpu_milli: self.cpu_milli + o.cpu_milli,
+            memory_milli: self.memory_milli + o.memory_milli,
+        }
+    }
+}
+
+/// Parses a Kubernetes quantity into thousandths of its unit, rounding up. None when it is not a quantity.
+pub fn milli(q: &Quantity) -> Option<i128> {
+    let s = q.0.trim();
+    let (num, mult_num, mult_den): (&str, i128, i128) = {
+        let binary = [("Ki", 1i128 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("Ti", 1 << 40), ("Pi", 1 << 50), ("Ei", 1 << 60)];
+        let decimal = [("n", 1, 1_000_000_000i128), ("u", 1, 1_000_000), ("m", 1, 1_000), ("k", 1_000, 1), ("M", 1_000_000, 1),
+            ("G", 1_000_000_000, 1), ("T", 1_000_000_000_000, 1), ("P", 1_000_000_000_000_000, 1), ("E", 1_000_000_000_000_000_000, 1)];
+        if let Some((suf, m)) = binary.iter().find(|(suf, _)| s.ends_with(suf)) {
+            (&s[..s.len() - suf.len()], *m, 1)
+        } else if let Some((suf, m, d)) = decimal.iter().find(|(suf, _, _)| s.ends_with(suf)) {
+            (&s[..s.len() - suf.len()], *m, *d)
+        } else if let Some(pos) = s.find(['e', 'E']) {
+            let exp: u32 = s[pos + 1..].parse().ok()?;
+            (&s[..pos], 10i128.checked_pow(exp)?, 1)
+        } else {
+            (s, 1, 1)
+        }
+    };
+    let (negative, num) = match num.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, num.strip_prefix('+').unwrap_or(num)),
+    };
+    let (int_part, frac_part) = num.split_once('.').unwrap_or((num, ""));
+    if int_part.is_empty() && frac_part.is_empty() || !int_part.chars().chain(frac_part.chars()).all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let scale = 10i128.checked_pow(frac_part.len() as u32)?;
+    let mantissa: i128 = format!("{int_part}{frac_part}").parse().ok()?;
+    // value = mantissa / scale * mult_num / mult_den, in thousandths, rounded up like Kubernetes does.
+    let numer = mantissa.checked_mul(mult_num)?.checked_mul(1000)?;
+    let denom = scale.checked_mul(mult_den)?;
+    let v = (numer + denom - 1) / denom;
+    Some(if negative { -v } else { v })
+}
+
+fn cpu_quantity(m: i128) -> Quantity {
+    Quantity(if m % 1000 == 0 { format!("{}", m / 1000) } else { format!("{m}m") })
+}
+
+fn memory_quantity(m: i128) -> Quantity {
+    let bytes = (m + 999) / 1000;
+    for (suf, unit) in [("Ti", 1i128 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        if bytes != 0 && bytes % unit == 0 {
+            return Quantity(format!("{}{suf}", bytes / unit));
+        }
+    }
+    Quantity(bytes.to_string())
+}
+
+/// What a job with these resources takes from the pool. Err names the field that is not a quantity.
+pub fn demand(res: &Resources) -> Result<Amount, String> {
+    let q = |name: &str, v: &Option<Quantity>| match v {
+        None => Ok(0),
+        Some(q) => milli(q).filter(|m| *m >= 0).ok_or_else(|| format!("spec.resources.{name} {:?} is not a Kubernetes quantity", q.0)),
+    };
+    Ok(Amount { jobs: 1, gpus: res.gpus.unwrap_or(0).max(0) as i64, cpu_milli: q("cpu", &res.cpu)?, memory_milli: q("memory", &res.memory)? })
+}
+
+/// The amount one allocation holds.
+pub fn held(a: &Allocation) -> Amount {
+    Amount {
+        jobs: 1,
+        gpus: a.gpus as i64,
+        cpu_milli: a.cpu.as_ref().and_then(milli).unwrap_or(0),
+        memory_milli: a.memory.as_ref().and_then(milli).unwrap_or(0),
+    }
+}
+
+/// What the ledger holds in total.
+pub fn total(allocations: &[Allocation]) -> Amount {
+    allocations.iter().map(held).fold(Amount::default(), |a, b| a + b)
+}
+
+/// The ledger total in the shape of `FLSite.status.used`.
+pub fn usage(allocations: &[Allocation]) -> Usage {
+    let t = total(allocations);
+    Usage {
+        jobs: t.jobs as i32,
+        gpus: t.gpus as i32,
+        cpu: (t.cpu_milli > 0).then(|| cpu_quantity(t.cpu_milli)),
+        memory: (t.memory_milli > 0).then(|| memory_quantity(t.memory_milli)),
+    }
+}
+
+struct Limits {
+    jobs: Option<i64>,
+    gpus: Option<i64>,
+    cpu: Option<i128>,
+    memory: Option<i128>,
+}
+
+fn limits(c: &Capacity) -> Limits {
+    Limits {
+        jobs: c.jobs.map(i64::from),
+        gpus: c.gpus.map(i64::from),
+        cpu: c.cpu.as_ref().and_then(milli),
+        memory: c.memory.as_ref().and_then(milli),
+    }
+}
+
+/// What is short if `want` were added to `used` under `capacity`: one phrase per resource, empty when it fits.
+pub fn shortfall(capacity: &Capacity, used: Amount, want: Amount) -> Vec<String> {
+    let l = limits(capacity);
+    let mut short = Vec::new();
+    if let Some(max) = l.jobs.filter(|m| used.jobs + want.jobs > *m) {
+        short.push(format!("jobs: {} of {max} in use", used.jobs));
+    }
+    if let Some(max) = l.gpus.filter(|m| used.gpus + want.gpus > *m) {
+        short.push(format!("gpus: needs {}, {} of {max} free", want.gpus, (max - used.gpus).max(0)));
+    }
+    if let Some(max) = l.cpu.filter(|m| used.cpu_milli + want.cpu_milli > *m) {
+        short.push(format!("cpu: needs {}, {} of {} free", cpu_quantity(want.cpu_milli).0, cpu_quantity((max - used.cpu_milli).max(0)).0, cpu_quantity(max).0));
+    }
+    if let Some(max) = l.memory.filter(|m| used.memory_milli + want.memory_milli > *m) {
+        short.push(format!(
+            "memory: needs {}, {} of {} free",
+            memory_quantity(want.memory_milli).0,
+            memory_quantity((max - used.memory_milli).max(0)).0,
+            memory_quantity(max).0
+        ));
+    }
+    short
+}
+
+/// A job as the site's ledger sees it.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    /// FLJob name.
+    pub name: String,
+    /// FLJob uid.
+    pub uid: String,
+    /// Creation time: admission is in this order.
+    pub created: Option<Time>,
+    /// The job wants quota (it is not finished, not aborted, not being deleted and its references resolve).
+    pub wants_quota: bool,
+    /// The job has finished (or its abort completed): anything it holds goes back to the pool.
+    pub done: bool,
+    /// Its resources.
+    pub resources: Resources,
+}
+
+/// The site's new ledger, and what changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// The new allocations.
+    pub allocations: Vec<Allocation>,
+    /// How many jobs wait for quota.
+    pub queued: i32,
+    /// Jobs admitted by this plan.
+    pub admitted: Vec<String>,
+    /// Jobs whose quota this plan frees.
+    pub released: Vec<String>,
+}
+
+/// Order of admission: creation time, then name.
+fn queue_order(a: &JobView, b: &JobView) -> std::cmp::Ordering {
+    let ta = a.created.as_ref().map(|t| t.0);
+    let tb = b.created.as_ref().map(|t| t.0);
+    ta.cmp(&tb).then_with(|| a.name.cmp(&b.name))
+}
+
+/// The jobs waiting for quota, in admission order, that could ever fit.
+pub fn queue<'a>(capacity: &Capacity, allocations: &[Allocation], jobs: &'a [JobView]) -> Vec<&'a JobView> {
+    let holding: HashSet<&str> = allocations.iter().map(|a| a.uid.as_str()).collect();
+    let mut waiting: Vec<&JobView> = jobs
+        .iter()
+        .filter(|j| j.wants_quota && !holding.contains(j.uid.as_str()))
+        .filter(|j| demand(&j.resources).is_ok_and(|d| shortfall(capacity, Amount::default(), d).is_empty()))
+        .collect();
+    waiting.sort_by(|a, b| queue_order(a, b));
+    waiting
+}
+
+/// Releases what finished or vanished jobs hold, then admits waiting jobs strictly in creation order while they
+/// fit (a job that does not fit blocks the ones behind it, so a large job is not starved by small ones). Jobs that
+/// could never fit are left out of the queue: their reconciler fails them.
+pub fn plan(capacity: &Capacity, allocations: &[Allocation], jobs: &[JobView], now: &Time) -> Plan {
+    let mut out = Plan::default();
+    for a in allocations {
+        let job = jobs.iter().find(|j| j.uid == a.uid);
+        if job.is_none_or(|j| j.done) {
+            out.released.push(a.job.clone());
+        } else {
+            out.allocations.push(a.clone());
+        }
+    }
+    let waiting = queue(capacity, &out.allocations, jobs);
+    let mut used = total(&out.allocations);
+    let mut blocked = false;
+    for job in &waiting {
+        let Ok(want) = demand(&job.resources) else { continue };
+        if !blocked && shortfall(capacity, used, want).is_empty() {
+            used = used + want;
+            out.admitted.push(job.name.clone());
+            out.allocations.push(Allocation {
+                job: job.name.clone(),
+                uid: job.uid.clone(),
+                gpus: want.gpus as i32,
+                cpu: job.resources.cpu.clone(),
+                memory: job.resources.memory.clone(),
+                since: Some(now.clone()),
+            });
+        } else {
+            blocked = true;
+            out.queued += 1;
+        }
+    }
+    out
+}

@@ -1,0 +1,209 @@
+//! Pure: what a worker Pod shows -> what it means for the job: NVFlare's exit-code taxonomy and client status words.
+
+use crate::api::Phase;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+/// NVFlare's ClientStatus words.
+pub mod client_status {
+    /// No worker yet.
+    pub const NOT_STARTED: &str = "not started";
+    /// The worker is being started.
+    pub const STARTING: &str = "starting";
+    /// The worker runs.
+    pub const STARTED: &str = "started";
+    /// The worker ended normally or was aborted.
+    pub const STOPPED: &str = "stopped";
+    /// The worker failed.
+    pub const EXCEPTION: &str = "exception";
+}
+
+/// NVFlare's process exit and job return codes.
+pub mod code {
+    /// The job succeeded.
+    pub const SUCCESS: i32 = 0;
+    /// The worker failed after it started.
+    pub const EXECUTION_ERROR: i32 = 1;
+    /// The job was aborted.
+    pub const ABORTED: i32 = 9;
+    /// An exception in the worker.
+    pub const EXCEPTION: i32 = 101;
+    /// A component failed the site's safety checks; the server stops the run.
+    pub const UNSAFE_COMPONENT: i32 = 102;
+    /// The job's configuration is wrong; not worth retrying.
+    pub const CONFIG_ERROR: i32 = 103;
+    /// The infrastructure failed to run the worker.
+    pub const INFRASTRUCTURE_ERROR: i32 = 104;
+    /// The outcome is unknown (the worker pod vanished).
+    pub const UNKNOWN: i32 = 127;
+    /// What the kernel's OOM kill reports.
+    pub const OOM_KILLED: i32 = 137;
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Succeeded, Failed or Aborted.
+    pub phase: Phase,
+    /// `status.reason`; None for success.
+    pub reason: Option<&'static str>,
+    /// NVFlare return code.
+    pub exit_code: i32,
+    /// A sentence for the user.
+    pub message: String,
+}
+
+impl Outcome {
+    fn failed(reason: &'static str, exit_code: i32, message: impl Into<String>) -> Self {
+        Outcome { phase: Phase::Failed, reason: Some(reason), exit_code, message: message.into() }
+    }
+}
+
+/// What the worker pod shows right now (field names say what they hold).
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum PodState {
+    /// Not scheduled or the container not yet running, with the kubelet's waiting reason if any.
+    Waiting { reason: Option<String>, message: Option<String> },
+    /// The scheduler cannot place it.
+    Unschedulable { since: Option<Time>, message: String },
+    /// The worker container runs.
+    Running { started_at: Option<Time> },
+    /// The worker container ended.
+    Exited { code: i32, oom_killed: bool, ran: bool, message: Option<String>, finished_at: Option<Time> },
+    /// The kubelet evicted the pod.
+    Evicted { message: String },
+    /// The pod failed without a container exit (for example the node rejected it).
+    Lost { reason: String, message: String },
+}
+
+fn terminated_of(pod: &Pod) -> Option<&ContainerStateTerminated> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|s| s.state.as_ref()?.terminated.as_ref())
+}
+
+/// Reads the worker pod's state from its phase, conditions and container statuses.
+pub fn pod_state(pod: &Pod) -> PodState {
+    let status = pod.status.clone().unwrap_or_default();
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    if status.reason.as_deref() == Some("Evicted") {
+        return PodState::Evicted { message: status.message.unwrap_or_else(|| "the pod was evicted".into()) };
+    }
+    if let Some(t) = terminated_of(pod) {
+        if phase == "Succeeded" || phase == "Failed" || t.finished_at.is_some() {
+            let oom = t.reason.as_deref() == Some("OOMKilled");
+            // A container that never started has no startedAt; one that ran has both times.
+            let ran = t.started_at.is_some() && t.reason.as_deref() != Some("StartError")
+                && t.reason.as_deref() != Some("ContainerCannotRun");
+            return PodState::Exited {
+                code: t.exit_code,
+                oom_killed: oom,
+                ran,
+                message: t.message.clone().filter(|m| !m.is_empty()),
+                finished_at: t.finished_at.clone(),
+            };
+        }
+    }
+    match phase {
+        "Succeeded" => {
+            return PodState::Exited { code: 0, oom_killed: false, ran: true, message: None, finished_at: None };
+        }
+        "Failed" => {
+            return PodState::Lost {
+                reason: status.reason.clone().unwrap_or_else(|| "Failed".into()),
+                message: status.message.clone().unwrap_or_else(|| "the pod failed before its container ran".into()),
+            };
+        }
+        _ => {}
+    }
+    let running = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|s| s.state.as_ref()?.running.as_ref());
+    if let Some(r) = running {
+        return PodState::Running { started_at: r.started_at.clone() };
+    }
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+    {
+        return PodState::Unschedulable {
+            since: c.last_transition_time.clone(),
+            message: c.message.clone().unwrap_or_else(|| "no node can hold the pod".into()),
+        };
+    }
+    let waiting = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|s| s.state.as_ref()?.waiting.as_ref());
+    PodState::Waiting {
+        reason: waiting.and_then(|w| w.reason.clone()),
+        message: waiting.and_then(|w| w.message.clone()),
+    }
+}
+
+/// Waiting reasons that mean the pod will never run by itself: fail fast, as NVFlare's launcher does.
+pub fn waiting_failure(reason: &str, message: Option<&str>, image: &str) -> Option<Outcome> {
+    let detail = message.map(|m| format!(": {m}")).unwrap_or_default();
+    match reason {
+        "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull" => Some(Outcome::failed(
+            "ImagePullFailed",
+            code::INFRASTRUCTURE_ERROR,
+            format!("image {image} cannot be pulled ({reason}{detail}); fix spec.image or the site's defaults.image, or the registry credentials"),
+        )),
+        "CreateContainerConfigError" | "CreateContainerError" => Some(Outcome::failed(
+            "ConfigError",
+            code::CONFIG_ERROR,
+            format!("the worker container cannot be created ({reason}{detail}); check that the credentials and startup kit Secrets have every key"),
+        )),
+        "CrashLoopBackOff" | "RunContainerError" => Some(Outcome::failed(
+            "InfrastructureError",
+            code::INFRASTRUCTURE_ERROR,
+            format!("the worker container cannot run ({reason}{detail})"),
+        )),
+        _ => None,
+    }
+}
+
+/// The exit-code taxonomy: a container's exit -> the job's outcome. `started` says whether the worker was ever seen
+/// running (NVFlare reports a worker that exits 1 while still starting as an infrastructure error).
+pub fn exit_outcome(exit_code: i32, oom_killed: bool, started: bool, detail: Option<&str>) -> Outcome {
+    let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
+    if oom_killed {
+        let c = if exit_code == 0 { code::OOM_KILLED } else { exit_code };
+        return Outcome::failed("OOMKilled", c, format!("the worker ran out of memory and was killed (exit {c}); raise spec.resources.memory{detail}"));
+    }
+    match exit_code {
+        0 => Outcome { phase: Phase::Succeeded, reason: None, exit_code: 0, message: "the worker finished successfully".into() },
+        code::EXCEPTION => Outcome::failed("Exception", exit_code, format!("the worker raised an exception (exit 101){detail}")),
+        code::UNSAFE_COMPONENT => Outcome::failed(
+            "UnsafeComponent",
+            exit_code,
+            format!("the job has a component the site considers unsafe (exit 102); the server stops the run{detail}"),
+        ),
+        code::CONFIG_ERROR => Outcome::failed("ConfigError", exit_code, format!("the job's configuration is wrong (exit 103); fix it before retrying{detail}")),
+        code::INFRASTRUCTURE_ERROR => Outcome::failed("InfrastructureError", exit_code, format!("the worker hit an infrastructure error (exit 104){detail}")),
+        code::EXECUTION_ERROR if started => Outcome::failed("ExecutionError", exit_code, format!("the worker failed while running (exit 1){detail}")),
+        code::EXECUTION_ERROR => Outcome::failed(
+            "InfrastructureError",
+            code::INFRASTRUCTURE_ERROR,
+            format!("the worker exited 1 before it started running; reported as infrastructure error 104{detail}"),
+        ),
+        other => Outcome::failed("Exception", other, format!("the worker exited with code {other}{detail}")),
+    }
+}
+
+/// NVFlare's client status word for a job in this phase.
+pub fn client_status_of(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Pending | Phase::Queued => client_status::NOT_STARTED,
+        Phase::Starting => client_status::STARTING,
+        Phase::Running | Phase::Aborting => client_status::STARTED,
+        Phase::Succeeded | Phase::Aborted => client_status::STOPPED,
+        Phase::Failed => client_status::EXCEPTION,
+    }
+}
