@@ -12,6 +12,8 @@ pub mod metrics;
 pub mod pod;
 pub mod quota;
 pub mod status;
+#[cfg(test)]
+pub mod testing;
 
 /// Everything that can go wrong while reconciling. Each variant says which step failed.
 #[derive(Debug, thiserror::Error)]

@@ -553,3 +553,7 @@ pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> String {
     }
     msg
 }
+
+#[cfg(test)]
+#[path = "lifecycle_tests.rs"]
+mod tests;

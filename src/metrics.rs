@@ -166,3 +166,23 @@ pub fn classify(method: &http::Method, uri: &http::Uri) -> (String, String) {
     };
     (verb.to_string(), resource)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::classify;
+
+    #[test]
+    fn requests_are_named_like_the_audit_log() {
+        let c = |m: &str, u: &str| {
+            let (v, r) = classify(&m.parse().unwrap(), &u.parse().unwrap());
+            format!("{v} {r}")
+        };
+        assert_eq!(c("GET", "/api/v1/namespaces/a/pods/p"), "get pods");
+        assert_eq!(c("GET", "/api/v1/namespaces/a/pods?labelSelector=x"), "list pods");
+        assert_eq!(c("GET", "/apis/fljob.dev/v1alpha1/fljobs?watch=true&resourceVersion=1"), "watch fljobs");
+        assert_eq!(c("PATCH", "/apis/fljob.dev/v1alpha1/namespaces/a/fljobs/j/status?fieldManager=x"), "patch fljobs/status");
+        assert_eq!(c("PUT", "/apis/fljob.dev/v1alpha1/namespaces/a/flsites/s/status"), "update flsites/status");
+        assert_eq!(c("POST", "/apis/events.k8s.io/v1/namespaces/a/events"), "create events");
+        assert_eq!(c("DELETE", "/api/v1/namespaces/a/pods/p"), "delete pods");
+    }
+}

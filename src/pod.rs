@@ -287,3 +287,111 @@ pub fn build_pod(job: &FLJob, site: &FLSite) -> Result<Pod, BuildError> {
         status: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Capacity, PodTemplate, PodTemplateSpec, Quantity};
+    use crate::testing::{mk_job, mk_site};
+
+    fn job_and_site() -> (FLJob, FLSite) {
+        let mut job = mk_job("train-7", "site-a");
+        job.spec.job_id = "3f2a9c10".into();
+        job.spec.options = vec!["secure_train=true".into()];
+        job.spec.resources = Some(Resources { cpu: Some(Quantity("2".into())), memory: Some(Quantity("8Gi".into())), gpus: Some(1) });
+        let mut site = mk_site("site-a", Capacity::default());
+        site.spec.parent_conn_sec = Some("clear".into());
+        site.spec.defaults.python_path = Some("/usr/local/bin/python".into());
+        (job, site)
+    }
+
+    #[test]
+    fn command_line_is_nvflares_exactly() {
+        let (job, site) = job_and_site();
+        let expected = "/usr/local/bin/python -u -m nvflare.private.fed.app.client.worker_process \
+            -m /var/tmp/nvflare/workspace -w /var/tmp/nvflare/workspace/startup -n 3f2a9c10 -c site-a \
+            -p tcp://site-cp:8004 -g fl-server:8002 -scheme grpc --parent_conn_sec clear -s fed_client.json \
+            --set secure_train=true print_conf=True";
+        assert_eq!(worker_command(&job, &site).join(" "), expected);
+    }
+
+    #[test]
+    fn pod_shape() {
+        let (job, site) = job_and_site();
+        let pod = build_pod(&job, &site).unwrap();
+        let name = pod.metadata.name.clone().unwrap();
+        assert!(name.starts_with("train-7-") && name.len() <= 63);
+        let labels = pod.metadata.labels.clone().unwrap();
+        assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY);
+        assert_eq!(labels[JOB_LABEL], "train-7");
+        assert_eq!(labels[SITE_LABEL], "site-a");
+        let owner = &pod.metadata.owner_references.clone().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("FLJob", Some(true)));
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let c = &spec.containers[0];
+        let res = c.resources.clone().unwrap();
+        assert_eq!(res.requests, res.limits);
+        assert_eq!(res.limits.unwrap()["nvidia.com/gpu"], Quantity("1".into()));
+        // Credentials only through secretKeyRef; never a literal value.
+        let env = c.env.clone().unwrap();
+        for (key, var) in CREDENTIAL_ENV {
+            let e = env.iter().find(|e| e.name == var).unwrap();
+            assert!(e.value.is_none());
+            let r = e.value_from.clone().unwrap().secret_key_ref.unwrap();
+            assert_eq!((r.name.as_str(), r.key.as_str()), ("site-a-creds", key));
+        }
+        let mounts = c.volume_mounts.clone().unwrap();
+        let at = |p: &str| mounts.iter().find(|m| m.mount_path == p).unwrap().clone();
+        assert_eq!(at("/var/tmp/nvflare/workspace/startup").read_only, Some(true));
+        assert_eq!(at("/var/tmp/nvflare/workspace/3f2a9c10/meta.json").sub_path.as_deref(), Some("meta.json"));
+        assert_eq!(at(INFO_DIR).name, "fljob-info");
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!((sc.allow_privilege_escalation, sc.run_as_non_root), (Some(false), Some(true)));
+        assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    }
+
+    #[test]
+    fn names_are_deterministic_short_and_unique_per_object() {
+        let (mut job, _) = job_and_site();
+        job.metadata.name = Some("x".repeat(63));
+        let a = pod_name(&job);
+        assert_eq!(a, pod_name(&job));
+        assert!(a.len() <= 63, "{a}");
+        job.metadata.uid = Some("another-uid".into());
+        assert_ne!(a, pod_name(&job), "a re-created FLJob never reuses the old pod's name");
+    }
+
+    #[test]
+    fn template_cannot_override_credentials() {
+        let (mut job, site) = job_and_site();
+        job.spec.pod_template = Some(PodTemplate {
+            metadata: None,
+            spec: Some(PodTemplateSpec {
+                env: vec![k8s_openapi::api::core::v1::EnvVar { name: "NVFLARE_JOB_AUTH_TOKEN".into(), value: Some("x".into()), ..Default::default() }],
+                ..Default::default()
+            }),
+        });
+        let pod = build_pod(&job, &site).unwrap();
+        let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+        assert_eq!(env.iter().filter(|e| e.name == "NVFLARE_JOB_AUTH_TOKEN").count(), 1);
+        assert!(env.iter().all(|e| e.value.as_deref() != Some("x")));
+    }
+
+    #[test]
+    fn missing_credentials_are_a_build_error() {
+        let (job, mut site) = job_and_site();
+        site.spec.credentials_secret = None;
+        assert_eq!(build_pod(&job, &site), Err(BuildError::NoCredentials("site-a".into())));
+    }
+
+    #[test]
+    fn meta_goes_into_a_configmap() {
+        let (mut job, _) = job_and_site();
+        job.spec.meta = Some(serde_json::json!({"name": "cifar10", "min_clients": 2}));
+        let cm = meta_configmap(&job);
+        let meta: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["meta.json"]).unwrap();
+        assert_eq!(meta["name"], "cifar10");
+    }
+}

@@ -197,7 +197,7 @@ pub fn queue<'a>(capacity: &Capacity, allocations: &[Allocation], jobs: &'a [Job
     let holding: HashSet<&str> = allocations.iter().map(|a| a.uid.as_str()).collect();
     let mut waiting: Vec<&JobView> = jobs
         .iter()
-        .filter(|j| j.wants_quota && !holding.contains(j.uid.as_str()))
+        .filter(|j| j.wants_quota && !j.done && !holding.contains(j.uid.as_str()))
         .filter(|j| demand(&j.resources).is_ok_and(|d| shortfall(capacity, Amount::default(), d).is_empty()))
         .collect();
     waiting.sort_by(|a, b| queue_order(a, b));
@@ -239,4 +239,103 @@ pub fn plan(capacity: &Capacity, allocations: &[Allocation], jobs: &[JobView], n
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::t;
+
+    fn q(s: &str) -> Quantity {
+        Quantity(s.into())
+    }
+
+    fn view(name: &str, created: i64, gpus: i32) -> JobView {
+        JobView {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            created: Some(t(created)),
+            wants_quota: true,
+            done: false,
+            resources: Resources { gpus: Some(gpus), cpu: Some(q("1")), memory: Some(q("1Gi")) },
+        }
+    }
+
+    #[test]
+    fn parses_quantities_exactly() {
+        for (s, m) in [("1", 1000), ("500m", 500), ("1.5", 1500), ("2Gi", 2i128 * (1 << 30) * 1000), ("1k", 1_000_000), ("1e3", 1_000_000), ("0.1m", 1)] {
+            assert_eq!(milli(&q(s)), Some(m), "{s}");
+        }
+        for bad in ["", "abc", "1Zi", "--1", "1..2"] {
+            assert_eq!(milli(&q(bad)), None, "{bad}");
+        }
+        assert_eq!(usage(&[Allocation { cpu: Some(q("1500m")), memory: Some(q("1536Mi")), ..Default::default() }]).cpu, Some(q("1500m")));
+        assert_eq!(memory_quantity(3 * (1 << 30) * 1000).0, "3Gi");
+    }
+
+    #[test]
+    fn admits_in_creation_order_up_to_capacity() {
+        let cap = Capacity { jobs: Some(2), ..Default::default() };
+        let jobs = vec![view("c", 3, 0), view("a", 1, 0), view("b", 2, 0)];
+        let p = plan(&cap, &[], &jobs, &t(10));
+        assert_eq!(p.admitted, vec!["a", "b"]);
+        assert_eq!(p.queued, 1);
+        assert_eq!(usage(&p.allocations).jobs, 2);
+    }
+
+    #[test]
+    fn a_job_that_does_not_fit_blocks_the_ones_behind_it() {
+        let cap = Capacity { gpus: Some(4), ..Default::default() };
+        let held = plan(&cap, &[], &[view("first", 0, 3)], &t(0)).allocations;
+        let jobs = vec![view("first", 0, 3), view("big", 1, 2), view("small", 2, 1)];
+        let p = plan(&cap, &held, &jobs, &t(10));
+        assert!(p.admitted.is_empty(), "small must not overtake big: {:?}", p.admitted);
+        assert_eq!(p.queued, 2);
+    }
+
+    #[test]
+    fn releases_finished_and_vanished_jobs_exactly_once() {
+        let cap = Capacity { jobs: Some(2), ..Default::default() };
+        let mut jobs = vec![view("a", 1, 0), view("b", 2, 0), view("c", 3, 0)];
+        let p1 = plan(&cap, &[], &jobs, &t(10));
+        jobs[0].done = true; // a finished
+        jobs.remove(1); // b's FLJob vanished while the operator was down
+        let p2 = plan(&cap, &p1.allocations, &jobs, &t(20));
+        assert_eq!(p2.released, vec!["a", "b"]);
+        assert_eq!(p2.admitted, vec!["c"]);
+        // Planning again on the new ledger releases nothing more.
+        let p3 = plan(&cap, &p2.allocations, &jobs, &t(30));
+        assert!(p3.released.is_empty() && p3.admitted.is_empty());
+        assert_eq!(p3.allocations, p2.allocations);
+    }
+
+    #[test]
+    fn lowering_capacity_evicts_nothing() {
+        let jobs = vec![view("a", 1, 0), view("b", 2, 0), view("c", 3, 0)];
+        let p = plan(&Capacity { jobs: Some(2), ..Default::default() }, &[], &jobs, &t(10));
+        let p2 = plan(&Capacity { jobs: Some(1), ..Default::default() }, &p.allocations, &jobs, &t(20));
+        assert_eq!(p2.allocations.len(), 2);
+        assert!(p2.admitted.is_empty());
+        assert_eq!(p2.queued, 1);
+    }
+
+    #[test]
+    fn jobs_that_can_never_fit_are_not_queued() {
+        let cap = Capacity { gpus: Some(2), ..Default::default() };
+        let p = plan(&cap, &[], &[view("huge", 0, 3), view("ok", 1, 1)], &t(0));
+        assert_eq!(p.admitted, vec!["ok"]);
+        assert_eq!(p.queued, 0);
+    }
+
+    #[test]
+    fn shortfall_names_what_is_short() {
+        let cap = Capacity { jobs: Some(1), gpus: Some(2), cpu: Some(q("4")), memory: Some(q("8Gi")) };
+        let used = Amount { jobs: 1, gpus: 2, cpu_milli: 3500, memory_milli: 6 * (1 << 30) * 1000 };
+        let want = Amount { jobs: 1, gpus: 1, cpu_milli: 1000, memory_milli: 4 * (1 << 30) * 1000 };
+        assert_eq!(
+            shortfall(&cap, used, want),
+            vec!["jobs: 1 of 1 in use", "gpus: needs 1, 0 of 2 free", "cpu: needs 1, 500m of 4 free", "memory: needs 4Gi, 2Gi of 8Gi free"]
+        );
+        assert!(shortfall(&Capacity::default(), used, want).is_empty(), "absent keys are unlimited");
+    }
 }

@@ -1,0 +1,415 @@
+//! Table tests of the whole decision: observed pod (+ abort state) -> the status a user sees.
+
+use super::*;
+use crate::api::{AbortMethod, Capacity, Quantity};
+use crate::testing::*;
+
+fn site() -> FLSite {
+    mk_site("site-a", Capacity { jobs: Some(4), gpus: Some(8), ..Default::default() })
+}
+
+fn admitted_job() -> FLJob {
+    let mut j = mk_job("train", "site-a");
+    let mut st = FLJobStatus { phase: Phase::Starting, pod_name: Some("train-abcde".into()), ..Default::default() };
+    st.allocation = Some(Resources { gpus: Some(0), ..Default::default() });
+    st.conditions.push(condition(cond::RESOLVED, true, "Resolved", "", Some(1), &t(0)));
+    st.conditions.push(condition(cond::ADMITTED, true, "Admitted", "", Some(1), &t(0)));
+    j.status = Some(st);
+    j
+}
+
+fn holding(site: &FLSite) -> SiteView<'_> {
+    SiteView::Found { site, allocation: Some(Resources { gpus: Some(0), ..Default::default() }), queue_note: String::new() }
+}
+
+fn decide_with(job: &FLJob, site: &FLSite, pod: PodView<'_>, now: i64) -> Decision {
+    decide(Input { job, site: holding(site), secrets: SecretsView::NotChecked, pod, now: t(now) })
+}
+
+fn observe(job: &FLJob, pod: &Pod) -> Decision {
+    decide_with(job, &site(), PodView::Present(pod), 6000)
+}
+
+fn started_job() -> FLJob {
+    let mut j = admitted_job();
+    let st = j.status.as_mut().unwrap();
+    st.phase = Phase::Running;
+    st.start_time = Some(t(1000));
+    st.conditions.push(condition(cond::STARTED, true, "Started", "", Some(1), &t(1000)));
+    j
+}
+
+/// One row per line of the exit-code table in API.md.
+#[test]
+fn exit_code_table() {
+    struct Row {
+        name: &'static str,
+        pod: Pod,
+        job: FLJob,
+        phase: Phase,
+        reason: Option<&'static str>,
+        code: i32,
+        client: &'static str,
+    }
+    let row = |name, pod, job, phase, reason, code, client| Row { name, pod, job, phase, reason, code, client };
+    let rows = vec![
+        row("exit 0", mk_pod("Succeeded", exited(0, "Completed", true)), started_job(), Phase::Succeeded, None, 0, "stopped"),
+        row("exit 101", mk_pod("Failed", exited(101, "Error", true)), started_job(), Phase::Failed, Some("Exception"), 101, "exception"),
+        row("exit 102", mk_pod("Failed", exited(102, "Error", true)), started_job(), Phase::Failed, Some("UnsafeComponent"), 102, "exception"),
+        row("exit 103", mk_pod("Failed", exited(103, "Error", true)), started_job(), Phase::Failed, Some("ConfigError"), 103, "exception"),
+        row("exit 104", mk_pod("Failed", exited(104, "Error", true)), started_job(), Phase::Failed, Some("InfrastructureError"), 104, "exception"),
+        row("exit 1 after start", mk_pod("Failed", exited(1, "Error", true)), started_job(), Phase::Failed, Some("ExecutionError"), 1, "exception"),
+        row("exit 1 before it ran", mk_pod("Failed", exited(1, "Error", false)), admitted_job(), Phase::Failed, Some("InfrastructureError"), 104, "exception"),
+        row("OOMKilled 137", mk_pod("Failed", exited(137, "OOMKilled", true)), started_job(), Phase::Failed, Some("OOMKilled"), 137, "exception"),
+        row("OOMKilled exit 0", mk_pod("Failed", exited(0, "OOMKilled", true)), started_job(), Phase::Failed, Some("OOMKilled"), 137, "exception"),
+        row("evicted", evicted_pod(), started_job(), Phase::Failed, Some("Evicted"), 9, "exception"),
+        row("ErrImagePull", mk_pod("Pending", waiting("ErrImagePull")), admitted_job(), Phase::Failed, Some("ImagePullFailed"), 104, "exception"),
+        row("ImagePullBackOff", mk_pod("Pending", waiting("ImagePullBackOff")), admitted_job(), Phase::Failed, Some("ImagePullFailed"), 104, "exception"),
+        row("InvalidImageName", mk_pod("Pending", waiting("InvalidImageName")), admitted_job(), Phase::Failed, Some("ImagePullFailed"), 104, "exception"),
+        row("CreateContainerConfigError", mk_pod("Pending", waiting("CreateContainerConfigError")), admitted_job(), Phase::Failed, Some("ConfigError"), 103, "exception"),
+        row("other non-zero", mk_pod("Failed", exited(3, "Error", true)), started_job(), Phase::Failed, Some("Exception"), 3, "exception"),
+    ];
+    for r in rows {
+        let d = observe(&r.job, &r.pod);
+        assert_eq!(d.status.phase, r.phase, "{}: phase", r.name);
+        assert_eq!(d.status.reason.as_deref(), r.reason, "{}: reason", r.name);
+        assert_eq!(d.status.exit_code, Some(r.code), "{}: exit code", r.name);
+        assert_eq!(d.status.client_status.as_deref(), Some(r.client), "{}: client status", r.name);
+        assert!(d.status.completion_time.is_some(), "{}: completion time", r.name);
+        assert!(is_true(&d.status.conditions, cond::FINISHED), "{}: Finished condition", r.name);
+        assert!(!d.steps.contains(&Step::CreatePod), "{}: never a new pod", r.name);
+        let pending_failure = r.pod.status.as_ref().unwrap().phase.as_deref() == Some("Pending");
+        assert_eq!(d.steps.contains(&Step::DeletePod), pending_failure, "{}: a pod that can never run is deleted", r.name);
+    }
+}
+
+#[test]
+fn unschedulable_waits_for_the_pending_timeout_then_fails() {
+    let job = admitted_job();
+    let pod = unschedulable_pod(t(0));
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 60_000);
+    assert_eq!(d.status.phase, Phase::Starting);
+    assert_eq!(d.requeue, Some(Duration::from_secs(60)));
+    let c = find_condition(&d.status.conditions, cond::STARTED).unwrap();
+    assert!(c.message.contains("Insufficient nvidia.com/gpu"), "{}", c.message);
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 120_000);
+    assert_eq!((d.status.phase, d.status.reason.as_deref(), d.status.exit_code), (Phase::Failed, Some("Unschedulable"), Some(104)));
+    assert!(d.steps.contains(&Step::DeletePod));
+}
+
+#[test]
+fn site_pending_timeout_is_honoured() {
+    let mut s = site();
+    s.spec.pending_timeout_seconds = Some(5);
+    let d = decide_with(&admitted_job(), &s, PodView::Present(&unschedulable_pod(t(0))), 5_000);
+    assert_eq!(d.status.reason.as_deref(), Some("Unschedulable"));
+}
+
+#[test]
+fn running_pod_sets_started_and_start_time() {
+    let d = observe(&admitted_job(), &mk_pod("Running", running()));
+    assert_eq!(d.status.phase, Phase::Running);
+    assert_eq!(d.status.client_status.as_deref(), Some("started"));
+    assert_eq!(d.status.start_time, Some(t(1000)));
+    assert!(is_true(&d.status.conditions, cond::STARTED));
+    assert!(d.steps.is_empty());
+}
+
+#[test]
+fn pending_pod_is_starting() {
+    let d = observe(&admitted_job(), &mk_pod("Pending", waiting("ContainerCreating")));
+    assert_eq!((d.status.phase, d.status.client_status.as_deref()), (Phase::Starting, Some("starting")));
+}
+
+#[test]
+fn pod_deleted_by_someone_else_is_pod_lost() {
+    let d = decide_with(&started_job(), &site(), PodView::Gone, 6000);
+    assert_eq!((d.status.phase, d.status.reason.as_deref(), d.status.exit_code), (Phase::Failed, Some("PodLost"), Some(127)));
+}
+
+#[test]
+fn steady_running_job_changes_nothing() {
+    let pod = mk_pod("Running", running());
+    let first = observe(&admitted_job(), &pod);
+    let mut job = admitted_job();
+    job.status = Some(first.status.clone());
+    let second = decide_with(&job, &site(), PodView::Present(&pod), 9000);
+    assert_eq!(second.status, first.status, "a steady cluster needs no status write");
+    assert!(second.steps.is_empty());
+}
+
+#[test]
+fn finished_job_never_gets_a_new_pod() {
+    let mut job = started_job();
+    let d = observe(&job, &mk_pod("Succeeded", exited(0, "Completed", true)));
+    job.status = Some(d.status);
+    for pod in [PodView::NotFound, PodView::Gone] {
+        let d = decide_with(&job, &site(), pod, 9000);
+        assert_eq!(d.status.phase, Phase::Succeeded);
+        assert!(d.steps.is_empty(), "{:?}", d.steps);
+    }
+}
+
+#[test]
+fn admission_records_allocation_then_creates_pod() {
+    let mut job = mk_job("train", "site-a");
+    job.status = Some(FLJobStatus {
+        phase: Phase::Queued,
+        conditions: vec![condition(cond::RESOLVED, true, "Resolved", "", Some(1), &t(0))],
+        ..Default::default()
+    });
+    let s = site();
+    let d = decide_with(&job, &s, PodView::NotFound, 100);
+    assert_eq!(d.steps, vec![Step::CreatePod]);
+    assert_eq!(d.status.phase, Phase::Starting);
+    assert!(d.status.allocation.is_some());
+    assert!(is_true(&d.status.conditions, cond::ADMITTED));
+}
+
+#[test]
+fn queued_job_says_why() {
+    let job = mk_job("train", "site-a");
+    let s = site();
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: "waiting for quota at site site-a: jobs: 4 of 4 in use".into() };
+    let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });
+    assert_eq!(d.status.phase, Phase::Queued);
+    assert_eq!(d.status.client_status.as_deref(), Some("not started"));
+    let c = find_condition(&d.status.conditions, cond::ADMITTED).unwrap();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Queued"));
+    assert!(c.message.contains("jobs: 4 of 4 in use"));
+    assert!(is_true(&d.status.conditions, cond::RESOLVED));
+}
+
+#[test]
+fn missing_site_waits_with_a_condition_naming_it() {
+    let job = mk_job("train", "nowhere");
+    let d = decide(Input { job: &job, site: SiteView::Missing, secrets: SecretsView::NotChecked, pod: PodView::NotFound, now: t(0) });
+    assert_eq!(d.status.phase, Phase::Pending);
+    let c = find_condition(&d.status.conditions, cond::RESOLVED).unwrap();
+    assert_eq!(c.reason, "SiteNotFound");
+    assert!(c.message.contains("\"nowhere\""), "{}", c.message);
+    assert!(d.steps.is_empty() && d.requeue.is_none(), "the site watch wakes it; no polling");
+}
+
+#[test]
+fn missing_secret_waits_with_backoff() {
+    let job = mk_job("train", "site-a");
+    let s = site();
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let missing = SecretsView::Missing("Secret \"site-a-creds\" (spec.credentialsSecret of FLSite site-a) not found in namespace ns".into());
+    let d = decide(Input { job: &job, site: view.clone(), secrets: missing.clone(), pod: PodView::NotFound, now: t(0) });
+    let c = find_condition(&d.status.conditions, cond::RESOLVED).unwrap();
+    assert_eq!(c.reason, "SecretNotFound");
+    assert!(c.message.contains("site-a-creds"));
+    assert_eq!(d.requeue, Some(Duration::from_secs(2)));
+    // Later checks come at growing intervals, computed from the condition's age, not from memory.
+    let mut waiting = job.clone();
+    waiting.status = Some(d.status);
+    let d = decide(Input { job: &waiting, site: view, secrets: missing, pod: PodView::NotFound, now: t(40_000) });
+    assert_eq!(d.requeue, Some(Duration::from_secs(40)));
+}
+
+#[test]
+fn job_larger_than_the_site_fails_at_once() {
+    let mut job = mk_job("huge", "site-a");
+    job.spec.resources = Some(Resources { gpus: Some(9), cpu: None, memory: None });
+    let s = site();
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });
+    assert_eq!((d.status.phase, d.status.reason.as_deref()), (Phase::Failed, Some("ExceedsCapacity")));
+    assert!(d.status.message.unwrap().contains("gpus: needs 9, 8 of 8 free"));
+}
+
+// ---- App-scope abort ----
+
+fn aborting(job: &mut FLJob, requested: i64) {
+    job.spec.abort = true;
+    job.status.as_mut().unwrap().abort = Some(AbortStatus {
+        requested_at: t(requested),
+        cause: Some("Aborted".into()),
+        pod_deleted_at: None,
+        method: None,
+        completed_at: None,
+    });
+}
+
+#[test]
+fn abort_signals_the_pod_and_waits_the_grace_period() {
+    let mut job = started_job();
+    job.spec.abort = true;
+    let pod = mk_pod("Running", running());
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 6000);
+    assert_eq!(d.steps, vec![Step::AnnotatePod { key: ABORT_ANNOTATION, value: "App".into() }]);
+    assert_eq!(d.status.phase, Phase::Aborting);
+    assert_eq!(d.status.abort.as_ref().unwrap().requested_at, t(6000));
+    assert_eq!(d.requeue, Some(Duration::from_secs(10)), "NVFlare's max_wait by default");
+    assert!(is_true(&d.status.conditions, cond::ABORT_REQUESTED));
+}
+
+#[test]
+fn abort_honoured_in_the_grace_period_is_graceful_with_the_workers_code() {
+    let mut job = started_job();
+    aborting(&mut job, 6000);
+    let mut pod = mk_pod("Succeeded", exited(0, "Completed", true));
+    annotate(&mut pod, ABORT_ANNOTATION, "App");
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 9000);
+    let a = d.status.abort.as_ref().unwrap();
+    assert_eq!((d.status.phase, d.status.reason.as_deref(), d.status.exit_code), (Phase::Aborted, Some("Aborted"), Some(0)));
+    assert_eq!((a.method, a.completed_at.clone()), (Some(AbortMethod::Graceful), Some(t(9000))));
+    assert_eq!(d.status.client_status.as_deref(), Some("stopped"));
+}
+
+#[test]
+fn abort_past_the_grace_period_deletes_then_forces() {
+    let mut job = started_job();
+    aborting(&mut job, 6000);
+    let mut pod = mk_pod("Running", running());
+    annotate(&mut pod, ABORT_ANNOTATION, "App");
+    pod.spec.as_mut().unwrap().termination_grace_period_seconds = Some(3);
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 16_000);
+    assert_eq!(d.steps, vec![Step::DeletePod]);
+    assert_eq!(d.status.abort.as_ref().unwrap().pod_deleted_at, Some(t(16_000)));
+    assert_eq!(d.requeue, Some(Duration::from_secs(5)), "pod grace 3 s + 2 s slack");
+    // Gone within its termination grace period: Deleted, exit 9.
+    job.status = Some(d.status.clone());
+    let gone = decide_with(&job, &site(), PodView::Gone, 18_000);
+    assert_eq!(gone.status.abort.as_ref().unwrap().method, Some(AbortMethod::Deleted));
+    assert_eq!((gone.status.phase, gone.status.exit_code), (Phase::Aborted, Some(9)));
+    // Still there afterwards: Forced.
+    pod.metadata.deletion_timestamp = Some(t(19_000));
+    let forced = decide_with(&job, &site(), PodView::Present(&pod), 21_000);
+    assert_eq!(forced.steps, vec![Step::ForceDeletePod]);
+    assert_eq!(forced.status.abort.as_ref().unwrap().method, Some(AbortMethod::Forced));
+    assert_eq!(forced.status.exit_code, Some(9));
+}
+
+#[test]
+fn abort_timers_resume_from_status_after_a_restart() {
+    // The operator died after signalling; when it comes back 4 s later only 6 s of grace remain.
+    let mut job = started_job();
+    aborting(&mut job, 6000);
+    let mut pod = mk_pod("Running", running());
+    annotate(&mut pod, ABORT_ANNOTATION, "App");
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 10_000);
+    assert!(d.steps.is_empty());
+    assert_eq!(d.requeue, Some(Duration::from_secs(6)));
+    // It died after deleting the pod but before recording it: the pod's deletionTimestamp tells.
+    pod.metadata.deletion_timestamp = Some(t(46_000));
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 17_000);
+    assert!(d.status.abort.as_ref().unwrap().pod_deleted_at.is_some());
+    assert!(!d.steps.contains(&Step::DeletePod));
+}
+
+#[test]
+fn abort_of_a_queued_job_ends_it_at_once() {
+    let mut job = mk_job("train", "site-a");
+    job.spec.abort = true;
+    let s = site();
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let d = decide(Input { job: &job, site: view, secrets: SecretsView::NotChecked, pod: PodView::NotFound, now: t(0) });
+    assert_eq!((d.status.phase, d.status.exit_code), (Phase::Aborted, Some(9)));
+    assert_eq!(d.status.abort.unwrap().method, Some(AbortMethod::Graceful));
+    assert!(d.steps.is_empty());
+}
+
+#[test]
+fn abort_of_a_pending_pod_deletes_it_without_waiting() {
+    let mut job = admitted_job();
+    job.spec.abort = true;
+    let pod = mk_pod("Pending", waiting("ContainerCreating"));
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 1000);
+    assert_eq!(d.steps, vec![Step::DeletePod]);
+    assert_eq!(d.status.phase, Phase::Aborting);
+}
+
+#[test]
+fn abort_after_completion_changes_nothing() {
+    let mut job = started_job();
+    let done = observe(&job, &mk_pod("Succeeded", exited(0, "Completed", true)));
+    job.status = Some(done.status.clone());
+    job.spec.abort = true;
+    let d = decide_with(&job, &site(), PodView::Present(&mk_pod("Succeeded", exited(0, "Completed", true))), 9000);
+    assert_eq!(d.status, done.status);
+    assert!(d.steps.is_empty());
+}
+
+#[test]
+fn abort_racing_a_completion_keeps_the_real_outcome() {
+    let mut job = started_job();
+    job.spec.abort = true;
+    let d = observe(&job, &mk_pod("Failed", exited(102, "Error", true)));
+    assert_eq!((d.status.phase, d.status.exit_code), (Phase::Failed, Some(102)));
+    assert!(d.status.abort.is_none());
+}
+
+#[test]
+fn deadline_aborts_with_deadline_exceeded() {
+    let mut job = started_job();
+    job.spec.active_deadline_seconds = Some(30);
+    let pod = mk_pod("Running", running());
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 20_000);
+    assert_eq!(d.status.phase, Phase::Running);
+    assert_eq!(d.requeue, Some(Duration::from_secs(11)));
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 31_000);
+    assert_eq!(d.status.phase, Phase::Aborting);
+    job.status = Some(d.status);
+    let mut stopped = mk_pod("Succeeded", exited(0, "Completed", true));
+    annotate(&mut stopped, ABORT_ANNOTATION, "App");
+    let d = decide_with(&job, &site(), PodView::Present(&stopped), 33_000);
+    assert_eq!((d.status.phase, d.status.reason.as_deref(), d.status.exit_code), (Phase::Aborted, Some("DeadlineExceeded"), Some(9)));
+}
+
+#[test]
+fn deletion_runs_the_abort_then_waits_for_release_then_lets_go() {
+    let mut job = started_job();
+    job.metadata.deletion_timestamp = Some(t(6000));
+    let d = decide_with(&job, &site(), PodView::NotFound, 6000);
+    assert_eq!(d.status.phase, Phase::Aborted);
+    assert_eq!(d.status.abort.as_ref().unwrap().cause.as_deref(), Some("Deleted"));
+    job.status = Some(d.status);
+    // Still in the ledger: wait for the site to release it.
+    let d = decide_with(&job, &site(), PodView::NotFound, 7000);
+    assert!(!d.steps.contains(&Step::RemoveFinalizer));
+    // Released: the finalizer goes.
+    let s = site();
+    let released = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let d = decide(Input { job: &job, site: released, secrets: SecretsView::NotChecked, pod: PodView::NotFound, now: t(8000) });
+    assert_eq!(d.steps, vec![Step::RemoveFinalizer]);
+    assert!(d.status.allocation.is_none());
+}
+
+#[test]
+fn ttl_deletes_the_finished_job() {
+    let mut job = started_job();
+    job.spec.ttl_seconds_after_finished = Some(5);
+    let d = observe(&job, &mk_pod("Succeeded", exited(0, "Completed", true)));
+    job.status = Some(d.status);
+    let d = decide_with(&job, &site(), PodView::NotFound, 8000);
+    assert_eq!(d.requeue, Some(Duration::from_secs(3)));
+    let d = decide_with(&job, &site(), PodView::NotFound, 11_000);
+    assert!(d.steps.contains(&Step::DeleteJob));
+}
+
+#[test]
+fn task_abort_is_relayed_once_and_the_pod_keeps_running() {
+    let mut job = started_job();
+    job.metadata.annotations = Some([(ABORT_TASK_ANNOTATION.to_string(), "1".to_string())].into());
+    let pod = mk_pod("Running", running());
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 6000);
+    assert_eq!(d.steps, vec![Step::AnnotatePod { key: ABORT_TASK_ANNOTATION, value: "1".into() }]);
+    assert_eq!(d.status.last_task_abort.as_ref().unwrap().value, "1");
+    assert_eq!(d.status.phase, Phase::Running);
+    job.status = Some(d.status);
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 7000);
+    assert!(d.steps.is_empty(), "relayed once");
+}
+
+#[test]
+fn quantities_in_a_site_default_resources_are_used() {
+    let mut s = site();
+    s.spec.capacity.cpu = Some(Quantity("500m".into()));
+    let job = mk_job("train", "site-a");
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });
+    assert_eq!(d.status.reason.as_deref(), Some("ExceedsCapacity"), "default cpu 1 > capacity 500m");
+}
