@@ -111,6 +111,7 @@ class FLJobHandle(JobHandleSpec):
         deadline = None if timeout is None else time.monotonic() + timeout
         selector = f"metadata.name={self.name}"
         backoff = 0.5
+        gone_in_a_row = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -149,9 +150,14 @@ class FLJobHandle(JobHandleSpec):
                         w.stop()
                         break
                 backoff = 0.5  # the watch ended normally (server timeout): list and watch again
+                gone_in_a_row = 0
             except ApiException as e:
                 if e.status == _HTTP_GONE:
-                    continue  # resourceVersion too old: list again
+                    # resourceVersion too old: list again (at once the first time, then with a pause)
+                    gone_in_a_row += 1
+                    if gone_in_a_row > 1:
+                        backoff = self._pause(backoff, deadline)
+                    continue
                 self.logger.warning(f"watching FLJob {self.namespace}/{self.name} failed: {e.status} {e.reason}")
                 backoff = self._pause(backoff, deadline)
             except Exception as e:  # connection reset, read timeout, ...

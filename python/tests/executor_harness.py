@@ -159,8 +159,8 @@ class ExecutorDriver:
                 if remaining <= 0:
                     return None
                 self.client.reported.wait(remaining)
-        # the waiter thread pops the job and fires JOB_COMPLETED right after reporting
-        while job_id in self.executor.run_processes and time.monotonic() < deadline:
+        # the waiter thread frees the job and fires JOB_COMPLETED right after reporting
+        while not self.completed(job_id) and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.client.reports[job_id][JobFailureMsgKey.CODE]
 
