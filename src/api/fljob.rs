@@ -54,7 +54,7 @@ pub struct FLJobSpec {
     pub meta: Option<serde_json::Value>,
     /// NVFlare options, each `key=value`, passed as `--set <options...> print_conf=True`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = 256)))]
     #[x_kube(validation = Rule::new("self.all(o, o.matches('^[A-Za-z_][A-Za-z0-9_.-]*=[^\\\\s]*$'))").message("every option must be key=value without spaces, for example secure_train=true"))]
     pub options: Vec<String>,
     /// What the job needs; requests equal limits; `gpus` becomes `nvidia.com/gpu`; counted against the site's quota.
@@ -107,6 +107,23 @@ fn opaque_volumes(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
             "required": ["name"],
             "properties": {"name": {"type": "string", "maxLength": 63}},
             "x-kubernetes-preserve-unknown-fields": true
+        },
+        "maxItems": 32
+    })
+}
+
+fn env_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 64,
+        "items": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "maxLength": 253},
+                "value": {"type": "string"}
+            },
+            "x-kubernetes-preserve-unknown-fields": true
         }
     })
 }
@@ -132,6 +149,7 @@ pub struct PodTemplateMetadata {
     pub labels: BTreeMap<String, String>,
     /// Annotations added to the pod; `fljob.dev/*` keys are the operator's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('fljob.dev/'))").message("fljob.dev/ annotations are set by the operator; use spec.abort or the FLJob's fljob.dev/abort-task annotation"))]
     pub annotations: BTreeMap<String, String>,
 }
@@ -162,6 +180,7 @@ pub struct PodTemplateSpec {
     pub service_account_name: Option<String>,
     /// Extra environment of the worker. The NVFLARE_JOB_* credential variables come from the credentials Secret only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "env_list")]
     #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('NVFLARE_JOB_'))").message("NVFLARE_JOB_* variables come from the credentials Secret; set spec.credentialsSecret instead"))]
     pub env: Vec<EnvVar>,
     /// Extra volumes of the pod (core/v1 Volumes, validated by the API server when the pod is created).

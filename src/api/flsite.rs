@@ -158,11 +158,11 @@ pub struct Capacity {
     pub gpus: Option<i32>,
     /// CPU available to jobs (a Kubernetes quantity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).sign() >= 0").message("capacity.cpu must be a non-negative Kubernetes quantity such as 32 or 500m"))]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0").message("capacity.cpu must be a non-negative Kubernetes quantity such as 32 or 500m"))]
     pub cpu: Option<Quantity>,
     /// Memory available to jobs (a Kubernetes quantity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).sign() >= 0").message("capacity.memory must be a non-negative Kubernetes quantity such as 256Gi"))]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0").message("capacity.memory must be a non-negative Kubernetes quantity such as 256Gi"))]
     pub memory: Option<Quantity>,
 }
 

@@ -24,11 +24,11 @@ pub use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 pub struct Resources {
     /// CPU, as a Kubernetes quantity (`2`, `500m`). Requests and limits of the worker container are both set to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).sign() >= 0").message("cpu must be a non-negative Kubernetes quantity such as 2 or 500m"))]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0").message("cpu must be a non-negative Kubernetes quantity such as 2 or 500m"))]
     pub cpu: Option<Quantity>,
     /// Memory, as a Kubernetes quantity (`8Gi`, `512Mi`). Requests and limits are both set to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).sign() >= 0").message("memory must be a non-negative Kubernetes quantity such as 8Gi or 512Mi"))]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0").message("memory must be a non-negative Kubernetes quantity such as 8Gi or 512Mi"))]
     pub memory: Option<Quantity>,
     /// Number of GPUs, requested as `nvidia.com/gpu`. 0 or absent means none.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,366 @@
+//! The operator against the real local control plane (kube-apiserver, etcd, controller-manager, scheduler, kwok):
+//! one test per row of the exit-code table, the missing-site and missing-Secret paths, a restart in the middle of a
+//! run, CRD validation, printer columns, the examples, and "a steady cluster sees no writes".
+
+mod common;
+mod fl;
+
+use fl::*;
+use fljob_operator::api::*;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use std::time::Duration;
+
+/// Runs one job with the given pod simulation and returns it once finished.
+async fn run_row(prefix: &str, sim: &[(&str, &str)], tweak: impl FnOnce(&mut FLJob)) -> (Env, FLJob) {
+    let env = Env::new(prefix, Capacity::default()).await;
+    let mut j = job("row", sim);
+    tweak(&mut j);
+    env.create(&j).await;
+    let done = wait_job(&env.jobs, "row", 90, finished).await;
+    (env, done)
+}
+
+fn expect(j: &FLJob, phase: Phase, reason: Option<&str>, code: i32) {
+    let s = st(j);
+    assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (phase, reason, Some(code)), "status: {s:#?}");
+    assert!(s.completion_time.is_some());
+    assert!(s.message.is_some());
+}
+
+async fn pod_of(env: &Env, j: &FLJob) -> Option<Pod> {
+    let pods: Api<Pod> = env.ns.api();
+    pods.get_opt(st(j).pod_name.as_deref().expect("podName")).await.expect("get pod")
+}
+
+macro_rules! row {
+    ($name:ident, $sim:expr, $phase:expr, $reason:expr, $code:expr) => {
+        row!($name, $sim, |_j: &mut FLJob| {}, $phase, $reason, $code);
+    };
+    ($name:ident, $sim:expr, $tweak:expr, $phase:expr, $reason:expr, $code:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (env, j) = run_row(stringify!($name), $sim, $tweak).await;
+            expect(&j, $phase, $reason, $code);
+            let s = st(&j);
+            let client = match s.phase {
+                Phase::Succeeded | Phase::Aborted => "stopped",
+                _ => "exception",
+            };
+            assert_eq!(s.client_status.as_deref(), Some(client));
+            let events = env.events_for("row").await;
+            let want = $reason.unwrap_or("Succeeded");
+            assert!(events.iter().any(|e| e.starts_with(&format!("{want}:"))), "no {want} Event in {events:#?}");
+            env.done().await;
+        }
+    };
+}
+
+row!(exit_0_succeeds, &[("sim.fljob.dev/exit-code", "0")], Phase::Succeeded, None, 0);
+row!(exit_101_is_exception, &[("sim.fljob.dev/exit-code", "101")], Phase::Failed, Some("Exception"), 101);
+row!(exit_102_is_unsafe_component, &[("sim.fljob.dev/exit-code", "102")], Phase::Failed, Some("UnsafeComponent"), 102);
+row!(exit_103_is_config_error, &[("sim.fljob.dev/exit-code", "103")], Phase::Failed, Some("ConfigError"), 103);
+row!(exit_104_is_infrastructure_error, &[("sim.fljob.dev/exit-code", "104")], Phase::Failed, Some("InfrastructureError"), 104);
+row!(exit_1_after_start_is_execution_error, &[("sim.fljob.dev/exit-code", "1"), ("sim.fljob.dev/run-seconds", "2")], Phase::Failed, Some("ExecutionError"), 1);
+row!(exit_1_before_start_is_infrastructure_error, &[("sim.fljob.dev/start-failure-exit-code", "1")], Phase::Failed, Some("InfrastructureError"), 104);
+row!(oom_killed, &[("sim.fljob.dev/oom-killed", "true")], Phase::Failed, Some("OOMKilled"), 137);
+row!(evicted, &[("sim.fljob.dev/evicted", "true")], Phase::Failed, Some("Evicted"), 9);
+row!(other_nonzero_exit_is_exception, &[("sim.fljob.dev/exit-code", "3")], Phase::Failed, Some("Exception"), 3);
+row!(
+    deadline_exceeded,
+    &[("sim.fljob.dev/run-seconds", "never")],
+    |j: &mut FLJob| {
+        j.spec.active_deadline_seconds = Some(2);
+        j.spec.abort_grace_period_seconds = Some(1);
+    },
+    Phase::Aborted,
+    Some("DeadlineExceeded"),
+    9
+);
+
+/// Pod-level failures the kubelet reports while the pod is Pending: the job fails fast and the pod is removed.
+async fn pending_failure(prefix: &str, sim: &[(&str, &str)], reason: &str, code: i32) {
+    let (env, j) = run_row(prefix, sim, |_| {}).await;
+    expect(&j, Phase::Failed, Some(reason), code);
+    let pods: Api<Pod> = env.ns.api();
+    common::wait_gone(&pods, st(&j).pod_name.as_deref().unwrap(), Duration::from_secs(30)).await.expect("pod removed");
+    let events = env.events_for("row").await;
+    assert!(events.iter().any(|e| e.starts_with(&format!("{reason}:"))), "{events:#?}");
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pull_error_is_image_pull_failed() {
+    for reason in ["ErrImagePull", "ImagePullBackOff", "InvalidImageName"] {
+        pending_failure(&format!("pull-{reason}"), &[("sim.fljob.dev/image-pull-error", reason)], "ImagePullFailed", 104).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_container_config_error_is_config_error() {
+    pending_failure("ccce", &[("sim.fljob.dev/waiting-reason", "CreateContainerConfigError")], "ConfigError", 103).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unschedulable_past_the_pending_timeout() {
+    let mut s = site(Capacity::default());
+    s.spec.pending_timeout_seconds = Some(3);
+    let env = Env::with_site("unsched", s).await;
+    env.create(&job("row", &[("sim.fljob.dev/unschedulable", "true")])).await;
+    let j = wait_job(&env.jobs, "row", 60, finished).await;
+    expect(&j, Phase::Failed, Some("Unschedulable"), 104);
+    assert!(st(&j).message.unwrap().contains("node"), "the scheduler's message is kept");
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_honoured_by_the_worker() {
+    let env = Env::new("abort-row", Capacity::default()).await;
+    env.create(&job("row", &[("sim.fljob.dev/run-seconds", "never"), ("sim.fljob.dev/abort-exit-code", "0")])).await;
+    wait_job(&env.jobs, "row", 60, |j| st(j).phase == Phase::Running).await;
+    env.jobs.patch("row", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": true}}))).await.unwrap();
+    let j = wait_job(&env.jobs, "row", 60, finished).await;
+    expect(&j, Phase::Aborted, Some("Aborted"), 0);
+    let a = st(&j).abort.unwrap();
+    assert_eq!(a.method, Some(AbortMethod::Graceful));
+    let pod = pod_of(&env, &j).await.expect("a gracefully stopped pod is kept for its logs");
+    assert_eq!(pod.annotations().get("fljob.dev/abort").map(String::as_str), Some("App"));
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_deleted_by_someone_else_is_pod_lost() {
+    let env = Env::new("podlost", Capacity::default()).await;
+    env.create(&job("row", &[("sim.fljob.dev/run-seconds", "never")])).await;
+    let j = wait_job(&env.jobs, "row", 60, |j| st(j).phase == Phase::Running).await;
+    let pods: Api<Pod> = env.ns.api();
+    pods.delete(st(&j).pod_name.as_deref().unwrap(), &DeleteParams::default()).await.unwrap();
+    let j = wait_job(&env.jobs, "row", 60, finished).await;
+    expect(&j, Phase::Failed, Some("PodLost"), 127);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty(), "no second pod");
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_pod_is_what_nvflare_expects() {
+    let env = Env::new("podshape", Capacity::default()).await;
+    env.create(&job("row", &[("sim.fljob.dev/run-seconds", "never")])).await;
+    let j = wait_job(&env.jobs, "row", 60, |j| st(j).phase == Phase::Running).await;
+    assert_eq!(st(&j).client_status.as_deref(), Some("started"));
+    let pod = pod_of(&env, &j).await.unwrap();
+    let c = &pod.spec.as_ref().unwrap().containers[0];
+    let cmd = c.command.clone().unwrap().join(" ");
+    assert_eq!(
+        cmd,
+        "python -u -m nvflare.private.fed.app.client.worker_process -m /var/tmp/nvflare/workspace \
+         -w /var/tmp/nvflare/workspace/startup -n row-0001 -c site-a -p tcp://site-a-cp:8004 \
+         -g fl-server.example.org:8002 -scheme grpc -s fed_client.json --set secure_train=false print_conf=True"
+    );
+    assert!(!cmd.contains("test-token"), "no credential on the command line");
+    let owner = &pod.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("FLJob", "row", Some(true)));
+    for l in ["app.kubernetes.io/managed-by", "fljob.dev/job", "fljob.dev/site"] {
+        assert!(pod.labels().contains_key(l), "{l}");
+    }
+    // The meta ConfigMap exists and holds spec.meta.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = env.ns.api();
+    let cm = cms.get(&format!("{}-meta", pod.name_any())).await.unwrap();
+    assert!(cm.data.unwrap()["meta.json"].contains("\"name\":\"row\""));
+    // Status and events never carry Secret values.
+    let text = serde_json::to_string(&j).unwrap() + &env.events_for("row").await.join("\n") + &env.op.logs();
+    assert!(!text.contains("test-token") && !text.contains("test-signature"));
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_pass_the_restricted_pod_security_profile() {
+    fl::install_crds();
+    let client = common::client().await;
+    let ns = common::namespace_with_labels(&client, "restricted", &[("pod-security.kubernetes.io/enforce", "restricted")]).await;
+    create_site(&client, ns.name(), &site(Capacity::default())).await;
+    let op = Operator::start(ns.name());
+    let jobs: Api<FLJob> = ns.api();
+    jobs.create(&PostParams::default(), &job("row", &[])).await.unwrap();
+    let j = wait_job(&jobs, "row", 60, finished).await;
+    assert_eq!(st(&j).phase, Phase::Succeeded, "{:#?}\n{}", st(&j), op.logs());
+    drop(op);
+    ns.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_site_waits_then_proceeds() {
+    fl::install_crds();
+    let client = common::client().await;
+    let ns = common::namespace(&client, "nosite").await;
+    let op = Operator::start(ns.name());
+    let jobs: Api<FLJob> = ns.api();
+    jobs.create(&PostParams::default(), &job("row", &[])).await.unwrap();
+    let j = wait_job(&jobs, "row", 60, |j| {
+        find_condition(&st(j).conditions, "Resolved").is_some_and(|c| c.reason == "SiteNotFound")
+    })
+    .await;
+    assert_eq!(st(&j).phase, Phase::Pending);
+    let msg = find_condition(&st(&j).conditions, "Resolved").unwrap().message.clone();
+    assert!(msg.contains("\"site-a\""), "{msg}");
+    // Quiet while it waits: no retries hammering the API server.
+    let before = op.counter("fljob_reconciles_total", &[("controller", "fljob")]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = op.counter("fljob_reconciles_total", &[("controller", "fljob")]).await;
+    assert!(after - before <= 1.0, "hot loop: {before} -> {after} reconciles");
+    create_site(&client, ns.name(), &site(Capacity::default())).await;
+    let j = wait_job(&jobs, "row", 60, finished).await;
+    assert_eq!(st(&j).phase, Phase::Succeeded);
+    let env = Env { client, ns, op, jobs };
+    let events = env.events_for("row").await;
+    assert!(events.iter().any(|e| e.starts_with("SiteNotFound:") && e.contains("site-a")), "{events:#?}");
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_key_waits_then_proceeds() {
+    fl::install_crds();
+    let client = common::client().await;
+    let ns = common::namespace(&client, "nosecret").await;
+    let sites: Api<FLSite> = ns.api();
+    sites.create(&PostParams::default(), &site(Capacity::default())).await.unwrap();
+    let secrets: Api<Secret> = ns.api();
+    secrets.create(&PostParams::default(), &secret("site-a-startup", &["fed_client.json"])).await.unwrap();
+    secrets.create(&PostParams::default(), &secret("site-a-creds", &["token", "ssid"])).await.unwrap();
+    let op = Operator::start(ns.name());
+    let jobs: Api<FLJob> = ns.api();
+    jobs.create(&PostParams::default(), &job("row", &[])).await.unwrap();
+    let j = wait_job(&jobs, "row", 60, |j| {
+        find_condition(&st(j).conditions, "Resolved").is_some_and(|c| c.reason == "SecretNotFound")
+    })
+    .await;
+    let msg = find_condition(&st(&j).conditions, "Resolved").unwrap().message.clone();
+    assert!(msg.contains("site-a-creds") && msg.contains("signature"), "{msg}");
+    assert!(st(&j).pod_name.is_none(), "no pod while a key is missing");
+    secrets.replace("site-a-creds", &PostParams::default(), &secret("site-a-creds", &["token", "signature", "ssid"])).await.unwrap();
+    let j = wait_job(&jobs, "row", 60, finished).await;
+    assert_eq!(st(&j).phase, Phase::Succeeded);
+    let env = Env { client, ns, op, jobs };
+    let events = env.events_for("row").await;
+    assert!(events.iter().any(|e| e.starts_with("SecretNotFound:") && e.contains("signature")), "{events:#?}");
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_restart_mid_run_continues_with_one_pod() {
+    let mut env = Env::new("restart", Capacity::default()).await;
+    env.create(&job("row", &[("sim.fljob.dev/run-seconds", "8"), ("sim.fljob.dev/exit-code", "101")])).await;
+    let j = wait_job(&env.jobs, "row", 60, |j| st(j).phase == Phase::Running).await;
+    let uid = pod_of(&env, &j).await.unwrap().uid();
+    env.op.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.op.restart();
+    let j = wait_job(&env.jobs, "row", 60, finished).await;
+    expect(&j, Phase::Failed, Some("Exception"), 101);
+    let pods: Api<Pod> = env.ns.api();
+    let all = pods.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(all.len(), 1, "exactly one pod");
+    assert_eq!(all[0].uid(), uid, "the same pod");
+    assert_eq!(st(&j).start_time.is_some(), true);
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_cluster_sees_no_writes() {
+    let env = Env::new("steady", Capacity::default()).await;
+    env.create(&job("row", &[("sim.fljob.dev/run-seconds", "never")])).await;
+    wait_job(&env.jobs, "row", 60, |j| st(j).phase == Phase::Running).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writes = |m: &str| {
+        ["create", "update", "patch", "delete"].iter().map(|v| sum_samples(m, "fljob_api_requests_total", &[("verb", v)])).sum::<f64>()
+    };
+    let before = writes(&env.op.metrics().await);
+    assert!(before > 0.0, "the counter counts");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = writes(&env.op.metrics().await);
+    assert_eq!(before, after, "writes while nothing changed");
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_validates_bad_input() {
+    fl::install_crds();
+    let client = common::client().await;
+    let ns = common::namespace(&client, "validate").await;
+    let jobs: Api<FLJob> = ns.api();
+    let reject = |j: FLJob, words: &'static [&'static str]| {
+        let jobs = jobs.clone();
+        async move {
+            let err = jobs.create(&PostParams::default(), &j).await.expect_err("must be rejected").to_string();
+            for w in words {
+                assert!(err.contains(w), "{err} lacks {w}");
+            }
+        }
+    };
+    let mut j = job("bad-option", &[]);
+    j.spec.options = vec!["no equals sign".into()];
+    reject(j, &["key=value"]).await;
+    let mut j = job("bad-cpu", &[]);
+    j.spec.resources = Some(Resources { cpu: Some(Quantity("lots".into())), memory: None, gpus: None });
+    reject(j, &["cpu", "quantity"]).await;
+    let mut j = job("bad-grace", &[]);
+    j.spec.abort_grace_period_seconds = Some(-1);
+    reject(j, &["abortGracePeriodSeconds"]).await;
+    let mut j = job("bad-env", &[]);
+    j.spec.pod_template.as_mut().unwrap().spec.as_mut().unwrap().env =
+        vec![k8s_openapi::api::core::v1::EnvVar { name: "NVFLARE_JOB_AUTH_TOKEN".into(), value: Some("x".into()), ..Default::default() }];
+    reject(j, &["credentialsSecret"]).await;
+    // jobId and site are immutable; an abort cannot be withdrawn.
+    jobs.create(&PostParams::default(), &job("ok", &[])).await.unwrap();
+    let e = jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"jobId": "other"}}))).await;
+    assert!(e.expect_err("immutable").to_string().contains("jobId is immutable"));
+    let e = jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"site": "other"}}))).await;
+    assert!(e.expect_err("immutable").to_string().contains("site is immutable"));
+    jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": true}}))).await.unwrap();
+    let e = jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": false}}))).await;
+    assert!(e.expect_err("final").to_string().contains("cannot be withdrawn"));
+    let sites: Api<FLSite> = ns.api();
+    let mut s = site(Capacity { cpu: Some(Quantity("-1".into())), ..Default::default() });
+    s.spec.server.target = "no-port".into();
+    let err = sites.create(&PostParams::default(), &s).await.expect_err("rejected").to_string();
+    assert!(err.contains("host:port") && err.contains("capacity.cpu"), "{err}");
+    ns.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_shows_useful_columns_and_explains_fields() {
+    let env = Env::new("columns", Capacity { jobs: Some(2), ..Default::default() }).await;
+    env.create(&job("row", &[("sim.fljob.dev/exit-code", "102")])).await;
+    wait_job(&env.jobs, "row", 60, finished).await;
+    let out = common::kubectl().args(["get", "flj", "-n", env.ns.name()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "SITE", "PHASE", "CLIENT-STATUS", "EXIT", "REASON", "AGE"]);
+    let row = text.lines().nth(1).unwrap();
+    for w in ["row", "site-a", "Failed", "exception", "102", "UnsafeComponent"] {
+        assert!(row.contains(w), "{row} lacks {w}");
+    }
+    let out = common::kubectl().args(["get", "fls", "-n", env.ns.name()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).lines().next().unwrap().contains("MAX-JOBS"));
+    let out = common::kubectl().args(["explain", "fljob.spec.abort"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("abort") && text.contains("grace period"), "{text}");
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_applies() {
+    fl::install_crds();
+    let client = common::client().await;
+    let ns = common::namespace(&client, "examples").await;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    files.sort();
+    assert!(files.iter().any(|f| f.extension().is_some_and(|x| x == "yaml")), "examples/ has manifests");
+    for f in files.iter().filter(|f| f.extension().is_some_and(|x| x == "yaml")) {
+        let out = common::kubectl().args(["apply", "-n", ns.name(), "-f"]).arg(f).output().unwrap();
+        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    ns.cleanup().await;
+}
