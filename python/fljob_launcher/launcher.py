@@ -60,7 +60,10 @@ class FLJobLauncher(JobLauncherSpec):
             default) returns as soon as the FLJob exists: a job may wait in the site's queue.
         terminate_timeout: how long terminate() waits for the operator to record the abort.
         watch_timeout_seconds: server-side timeout of each watch request (it is re-established after).
-        pod_annotations / pod_labels: extra spec.podTemplate.metadata annotations / labels for the worker pod.
+        pod_template: FLJob spec.podTemplate for every job (metadata.labels/annotations; spec.nodeSelector,
+            tolerations, affinity, priorityClassName, serviceAccountName, env, volumes, volumeMounts, ...).
+        pod_annotations / pod_labels: extra spec.podTemplate.metadata annotations / labels for the worker pod
+            (merged over pod_template's). Keys under ``fljob.dev/`` are the operator's and are refused by the CRD.
         name_prefix: prefix of FLJob names.
         per_job_credentials: create the ``<fljob>-creds`` Secret from the client's current token / signature /
             ssid (default). False = use the FLSite's credentialsSecret.
@@ -80,6 +83,7 @@ class FLJobLauncher(JobLauncherSpec):
         timeout: Optional[float] = None,
         terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
         watch_timeout_seconds: int = DEFAULT_WATCH_TIMEOUT_SECONDS,
+        pod_template: Optional[dict] = None,
         pod_annotations: Optional[Dict[str, str]] = None,
         pod_labels: Optional[Dict[str, str]] = None,
         name_prefix: str = "nvf",
@@ -99,9 +103,15 @@ class FLJobLauncher(JobLauncherSpec):
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{field} must be a non-negative integer or None")
-        for field, value in (("pod_annotations", pod_annotations), ("pod_labels", pod_labels)):
+        for field, value in (
+            ("pod_template", pod_template),
+            ("pod_annotations", pod_annotations),
+            ("pod_labels", pod_labels),
+        ):
             if value is not None and not isinstance(value, dict):
-                raise ValueError(f"{field} must be a dict of strings")
+                raise ValueError(f"{field} must be a dict")
+        if pod_template and not set(pod_template) <= {"metadata", "spec"}:
+            raise ValueError("pod_template may only have 'metadata' and 'spec'")
         self.namespace = namespace
         self.site = site
         self.kubeconfig = kubeconfig or config_file_path
@@ -113,6 +123,7 @@ class FLJobLauncher(JobLauncherSpec):
         self.timeout = timeout
         self.terminate_timeout = terminate_timeout
         self.watch_timeout_seconds = watch_timeout_seconds
+        self.pod_template = json_safe(pod_template or {})
         self.pod_annotations = {str(k): str(v) for k, v in (pod_annotations or {}).items()}
         self.pod_labels = {str(k): str(v) for k, v in (pod_labels or {}).items()}
         self.name_prefix = name_prefix
@@ -170,7 +181,12 @@ class FLJobLauncher(JobLauncherSpec):
         name = fljob_name(job_id, site, self.name_prefix)
 
         spec: dict = {"jobId": job_id, "site": site, "meta": json_safe(job_meta)}
-        options = options_from_context(fl_ctx.get_prop(FLContextKey.ARGS), fl_ctx.get_prop(FLContextKey.JOB_PROCESS_ARGS))
+        dropped: list = []
+        options = options_from_context(
+            fl_ctx.get_prop(FLContextKey.ARGS), fl_ctx.get_prop(FLContextKey.JOB_PROCESS_ARGS), dropped
+        )
+        if dropped:
+            self.logger.warning(f"job {job_id}: options not passed to the worker (not key=value): {dropped}")
         if options:
             spec["options"] = options
         resources = resources_for_site(job_meta, client_name or site)
@@ -185,13 +201,14 @@ class FLJobLauncher(JobLauncherSpec):
             spec["activeDeadlineSeconds"] = self.active_deadline_seconds
         if self.ttl_seconds_after_finished is not None:
             spec["ttlSecondsAfterFinished"] = self.ttl_seconds_after_finished
-        pod_metadata = {}
-        if self.pod_annotations:
-            pod_metadata["annotations"] = dict(self.pod_annotations)
-        if self.pod_labels:
-            pod_metadata["labels"] = dict(self.pod_labels)
-        if pod_metadata:
-            spec["podTemplate"] = {"metadata": pod_metadata}
+        pod_template = json_safe(self.pod_template)
+        for key, extra in (("annotations", self.pod_annotations), ("labels", self.pod_labels)):
+            if extra:
+                metadata = pod_template.setdefault("metadata", {}) or {}
+                pod_template["metadata"] = metadata
+                metadata[key] = {**(metadata.get(key) or {}), **extra}
+        if pod_template:
+            spec["podTemplate"] = pod_template
 
         return {
             "apiVersion": API_VERSION,

@@ -50,6 +50,9 @@ KNOWN_RETURN_CODES = frozenset(
 
 _DNS_LABEL_MAX = 63
 _PRINT_CONF = "print_conf=True"
+# What the FLJob CRD accepts in spec.options (and what survives NVFlare's own shlex split of `--set ...`).
+_OPTION_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=\S*$")
+_MAX_OPTIONS = 64
 
 
 def _hash(text: str, n: int = 6) -> str:
@@ -108,11 +111,13 @@ def credentials_from_job_args(job_args: Optional[dict]) -> Dict[str, str]:
     return {CREDENTIAL_SECRET_KEYS[k]: v for k, v in env.items() if k in CREDENTIAL_SECRET_KEYS}
 
 
-def options_from_context(args: Any, job_args: Optional[dict]) -> List[str]:
+def options_from_context(args: Any, job_args: Optional[dict], dropped: Optional[List[str]] = None) -> List[str]:
     """The `--set` options of the job, without NVFlare's trailing print_conf=True (the operator appends it).
 
     Source order: `FLContextKey.ARGS.set` (a list, what NVFlare's K8s launcher uses), else the OPTIONS entry of
-    JOB_PROCESS_ARGS (``("--set", " a=b c=d print_conf=True")``). Only key=value items are kept.
+    JOB_PROCESS_ARGS (``("--set", " a=b c=d print_conf=True")``). Only `key=value` items without spaces are kept
+    (the FLJob CRD's rule; NVFlare's process launcher splits the command line on spaces anyway); the others are
+    appended to `dropped` when given.
     """
     items: List[str] = []
     set_list = getattr(args, "set", None) if args is not None else None
@@ -125,10 +130,12 @@ def options_from_context(args: Any, job_args: Optional[dict]) -> List[str]:
     result = []
     for item in items:
         item = item.strip()
-        if not item or "=" not in item or item == _PRINT_CONF:
+        if not item or item == _PRINT_CONF or item in result:
             continue
-        if item not in result:
+        if _OPTION_PATTERN.match(item) and len(item) <= 256 and len(result) < _MAX_OPTIONS:
             result.append(item)
+        elif dropped is not None:
+            dropped.append(item)
     return result
 
 

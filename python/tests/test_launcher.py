@@ -131,6 +131,7 @@ class TestSelection:
             {"abort_grace_period_seconds": True},
             {"pod_annotations": ["a"]},
             {"kubeconfig": "a", "config_file_path": "b"},
+            {"pod_template": {"kind": "Pod"}},
         ],
     )
     def test_bad_args(self, kwargs):
@@ -188,6 +189,24 @@ class TestLaunch:
         # the FLJob is created before its Secret
         creates = [k for v, k in cluster.calls if v == "create"]
         assert creates == ["FLJob", "Secret"]
+
+    def test_pod_template_merge(self, cluster):
+        launcher = make_launcher(
+            cluster,
+            pod_template={
+                "metadata": {"annotations": {"a": "1", "b": "1"}},
+                "spec": {"nodeSelector": {"gpu": "a100"}, "priorityClassName": "fl"},
+            },
+            pod_annotations={"b": "2"},
+            pod_labels={"team": "ml"},
+        )
+        launcher.launch_job(job_meta(), make_ctx(launcher))
+        assert cluster.fljobs()[0]["spec"]["podTemplate"] == {
+            "metadata": {"annotations": {"a": "1", "b": "2"}, "labels": {"team": "ml"}},
+            "spec": {"nodeSelector": {"gpu": "a100"}, "priorityClassName": "fl"},
+        }
+        # the launcher's own template is not modified by a launch
+        assert launcher.pod_template["metadata"]["annotations"] == {"a": "1", "b": "1"}
 
     def test_site_defaults_to_client_name(self, cluster):
         launcher = make_launcher(cluster, site=None)

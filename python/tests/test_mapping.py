@@ -133,6 +133,12 @@ class TestContext:
         args = argparse.Namespace(set=["secure_train=true", "print_conf=True", "junk", "a=b"])
         assert options_from_context(args, None) == ["secure_train=true", "a=b"]
 
+    def test_options_must_fit_the_crd(self):
+        dropped = []
+        args = argparse.Namespace(set=["ok=1", "has space=1", "1bad=x", "v=a b", "x" * 300 + "=1", "ok=1"])
+        assert options_from_context(args, None, dropped) == ["ok=1"]
+        assert len(dropped) == 4
+
     def test_options_from_job_process_args(self):
         job_args = {JobProcessArgs.OPTIONS: ("--set", " secure_train=true x=1 print_conf=True")}
         assert options_from_context(None, job_args) == ["secure_train=true", "x=1"]
