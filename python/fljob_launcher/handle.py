@@ -34,6 +34,10 @@ class FLJobHandle(JobHandleSpec):
       ``status.abort.requestedAt`` (or the job finished / disappeared), waiting at most ``terminate_timeout`` s.
 
     An FLJob that disappears before it finished counts as ABORTED (9): deleting an FLJob aborts its job.
+
+    Once the job is seen finished, the per-job credentials Secret (if the launcher made one) is deleted, as NVFlare's
+    own K8s launcher does with its credential Secret: finished FLJobs may be kept for a long time, the client's
+    token need not be. The Secret's ownerReference to the FLJob stays the backstop.
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class FLJobHandle(JobHandleSpec):
         terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
         watch_factory=None,
         logger: Optional[logging.Logger] = None,
+        core_api=None,
+        credentials_secret: Optional[str] = None,
     ):
         super().__init__()
         self.custom_api = custom_api
@@ -60,6 +66,8 @@ class FLJobHandle(JobHandleSpec):
         self._return_code: Optional[int] = None
         self._forced_return_code: Optional[int] = None
         self.last_status: dict = {}
+        self.core_api = core_api
+        self.credentials_secret = credentials_secret
 
     def __repr__(self):
         return f"FLJobHandle({self.namespace}/{self.name}, job_id={self.job_id})"
@@ -89,6 +97,20 @@ class FLJobHandle(JobHandleSpec):
                     code = self._forced_return_code
                 self._return_code = code
             return self._return_code
+
+    def _release(self):
+        """Delete the credentials Secret once the job is over (best effort, once)."""
+        with self._lock:
+            name, self.credentials_secret = self.credentials_secret, None
+        if not name or self.core_api is None:
+            return
+        try:
+            self.core_api.delete_namespaced_secret(name, self.namespace)
+        except ApiException as e:
+            if e.status != _HTTP_NOT_FOUND:
+                self.logger.warning(f"deleting Secret {self.namespace}/{name} failed: {e.status} {e.reason}")
+        except Exception as e:
+            self.logger.warning(f"deleting Secret {self.namespace}/{name} failed: {e}")
 
     def _force_return_code(self, code: int):
         with self._lock:
@@ -181,13 +203,17 @@ class FLJobHandle(JobHandleSpec):
         except Exception as e:
             self.logger.warning(f"reading FLJob {self.namespace}/{self.name} failed: {e}")
             return None
-        return self._record(obj, obj is None)
+        code = self._record(obj, obj is None)
+        if code is not None:
+            self._release()
+        return code
 
     def wait(self, timeout: Optional[float] = None):
         """Block until the FLJob is finished (`timeout` is for tests and tools; JobExecutor waits without one)."""
+        if self.return_code is None:
+            self._observe(lambda obj, deleted: self._record(obj, deleted) is not None, timeout=timeout)
         if self.return_code is not None:
-            return None
-        self._observe(lambda obj, deleted: self._record(obj, deleted) is not None, timeout=timeout)
+            self._release()
         return None
 
     def wait_until_started(self, timeout: float) -> bool:

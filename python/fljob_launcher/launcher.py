@@ -260,6 +260,8 @@ class FLJobLauncher(JobLauncherSpec):
             watch_timeout_seconds=self.watch_timeout_seconds,
             terminate_timeout=self.terminate_timeout,
             logger=self.logger,
+            core_api=core_api,
+            credentials_secret=credentials_secret_name(name) if creds else None,
         )
         self.logger.info(f"job {job_id}: created FLJob {self.namespace}/{name}")
         if self.timeout is not None and not handle.wait_until_started(self.timeout):

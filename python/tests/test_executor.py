@@ -49,6 +49,9 @@ def test_start_app_creates_fljob_with_client_credentials(driver, cluster):
     assert driver.wait_reported(job_id, 10) == JobReturnCode.SUCCESS
     assert driver.completed(job_id)
     assert driver.status(job_id) == "not started"  # the executor forgot the job
+    # the client's token does not outlive the job; the finished FLJob stays
+    assert cluster.secret(NS, f"{name}-creds") is None
+    assert cluster.get("FLJob", NS, name)["status"]["phase"] == "Succeeded"
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,17 @@ class TestWait:
         assert cluster.count("watch") == 1
         assert cluster.count("get") == 0
 
+    def test_credentials_secret_deleted_once_finished(self, cluster, fljob):
+        cluster.core.create_namespaced_secret(NS, {"metadata": {"name": "creds"}, "stringData": {"token": "t"}})
+        handle = make_handle(cluster, core_api=cluster.core, credentials_secret="creds")
+        assert handle.poll() is None
+        assert cluster.secret(NS, "creds") is not None
+        cluster.later(0.2, cluster.set_status, NAME, {"phase": "Failed", "exitCode": 101})
+        handle.wait(timeout=5)
+        assert cluster.secret(NS, "creds") is None
+        assert handle.poll() == 101  # and a second release is a no-op
+        assert cluster.count("delete", "Secret") == 1
+
     def test_wait_returns_at_once_when_finished(self, cluster, fljob):
         cluster.set_status(NAME, {"phase": "Succeeded", "exitCode": 0})
         handle = make_handle(cluster)

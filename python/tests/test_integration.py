@@ -280,6 +280,13 @@ def test_success_poll_while_running(site, tmp_path):
     assert reported(site, driver, job_id, name) == JobReturnCode.SUCCESS
     assert handle.poll() == JobReturnCode.SUCCESS
     assert driver.completed(job_id)
+    # the client's token does not outlive the job (the finished FLJob is kept)
+    from kubernetes.client.rest import ApiException
+
+    with pytest.raises(ApiException) as e:
+        site["core"].read_namespaced_secret(f"{name}-creds", site["ns"])
+    assert e.value.status == 404
+    assert fljob(site, name)["status"]["phase"] == "Succeeded"
 
 
 def test_abort_app_terminates_through_spec_abort(site, tmp_path):
