@@ -90,6 +90,27 @@ def _ensure_crds(api_client):
             time.sleep(0.5)
 
 
+def _delete_fljobs(custom, ns, operator_running: bool, timeout: float = 60):
+    """Delete the namespace's FLJobs while the operator still runs (it owns their cleanup finalizer), so the
+    namespace can go afterwards; finalizers left after `timeout` (or with no operator) are removed by hand."""
+    try:
+        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, "fljobs")
+        deadline = time.monotonic() + (timeout if operator_running else 0)
+        while True:
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, "fljobs").get("items") or []
+            if not items:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for item in items:
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, ns, "fljobs", item["metadata"]["name"], {"metadata": {"finalizers": None}}
+            )
+    except Exception as e:  # noqa: BLE001 - best-effort cleanup
+        print(f"cleanup of FLJobs in {ns} failed: {e}")
+
+
 @pytest.fixture(scope="module")
 def site(env, tmp_path_factory):
     """A namespace with the site's Secrets, its FLSite, and the operator running for that namespace."""
@@ -166,6 +187,7 @@ def site(env, tmp_path_factory):
             time.sleep(0.5)
         yield info
     finally:
+        _delete_fljobs(custom, ns, operator_running=proc.poll() is None)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
