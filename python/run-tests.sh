@@ -6,7 +6,7 @@
 #
 # Environment:
 #   FLJOB_VENV             virtualenv to use/create (default: python/.venv)
-#   PYTHON                 interpreter that creates it (default: python3; needs >= 3.9)
+#   PYTHON                 interpreter that creates it (default: python3; needs >= 3.10, as nvflare 2.9 does)
 #   FLJOB_TEST_KUBECONFIG  admin kubeconfig of the local cluster  } for tests/test_integration.py; without them
 #   FLJOB_OPERATOR_BIN     the fljob-operator binary               } it is skipped, or fails when CI or
 #                                                                    FLJOB_REQUIRE_CLUSTER is set
@@ -19,8 +19,8 @@ PY="${PYTHON:-python3}"
 
 log() { printf '[python-tests] %s\n' "$*" >&2; }
 
-if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' 2>/dev/null; then
-  log "ERROR: $PY is missing or older than Python 3.9"
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+  log "ERROR: $PY is missing or older than Python 3.10"
   exit 2
 fi
 
