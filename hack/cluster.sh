@@ -48,7 +48,15 @@ pid_of() { # prints the pid of a component if it is alive and is ours
 
 start_bg() { # start_bg NAME CMD... : run detached (own session), log + pid file in $D
   local name="$1"; shift
-  setsid "$@" >"$D/logs/$name.log" 2>&1 </dev/null &
+  (
+    # Close every inherited descriptor above 2 (our lock, a CI runner's pipes, ...), so
+    # the daemon holds nothing of its caller's open.
+    for fd in /proc/$BASHPID/fd/*; do
+      fd="${fd##*/}"
+      if ((fd > 2)); then eval "exec ${fd}>&-" 2>/dev/null || true; fi
+    done
+    exec setsid "$@" >"$D/logs/$name.log" 2>&1 </dev/null
+  ) &
   echo $! >"$D/run/$name.pid"
 }
 
@@ -267,7 +275,8 @@ cmd_up() {
 
   local t0=$SECONDS
   mkdir -p "$D"/{logs,run,etcd}
-  chmod 700 "$D"
+  chmod 700 "$D" "$D/etcd"
+  rm -rf "${D}.failed-logs"
   ln -sfn "$bin" "$D/bin"
   # from here on, a failure tears everything down again
   trap 'rc=$?; if ((rc != 0)); then log "up failed; tearing down (logs kept in ${D}.failed-logs)"; rm -rf "${D}.failed-logs"; cp -r "$D/logs" "${D}.failed-logs" 2>/dev/null || true; stop_all; rm -rf "$D"; fi' EXIT
@@ -362,11 +371,13 @@ cmd_down() {
   exec 8>"$D.lock"
   flock 8
   if [[ ! -e "$D" ]]; then
+    rm -rf "${D}.failed-logs"
     log "nothing to do: $D does not exist"
     return 0
   fi
   stop_all
-  rm -rf "$D"
+  rm -rf "$D" "${D}.failed-logs"
+  rm -f "$D.lock"
   log "down: stopped all components and removed $D"
 }
 
