@@ -35,7 +35,7 @@ HELM_VERSION="$(version_of "$TOOLS/helm" helm.sh/helm/v4)"
 RECIPE=1
 DIGEST="$(cat "$TOOLS"/{k8s,etcd,kwok,helm}/go.{mod,sum} <(echo "recipe=$RECIPE") | sha256sum | cut -c1-8)"
 KEY="k8s-${K8S_VERSION#v}_etcd-${ETCD_VERSION#v}_kwok-${KWOK_VERSION#v}_helm-${HELM_VERSION#v}_${DIGEST}"
-CACHE_ROOT="${FLJOB_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fljob-operator}"
+CACHE_ROOT="${FLJOB_TOOLS_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/fljob-operator}"
 BIN="$CACHE_ROOT/$KEY/bin"
 
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
