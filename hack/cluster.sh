@@ -252,10 +252,25 @@ healthy() {
 
 # --- subcommands --------------------------------------------------------------------------
 
-cmd_up() {
+take_lock() { # serialise up/down on one state dir; $1 = what to do on timeout (die|warn)
   mkdir -p "$(dirname "$D")"
   exec 8>"$D.lock"
-  flock 8
+  if ! flock -w 120 8; then
+    [[ "$1" == warn ]] || die "could not lock $D.lock within 120s (another up/down running?)"
+    log "warning: could not lock $D.lock within 120s; going on without it"
+  fi
+}
+
+cmd_up() {
+  if [[ -d "$D" ]] && healthy; then
+    log "already up ($(api_url)); admin kubeconfig: $KUBECONFIG_ADMIN"
+    return 0
+  fi
+  # Build (or find) the tools before taking the lock: a cold build takes minutes.
+  local bin
+  bin="$("$ROOT/hack/tools.sh" | tail -n1)"
+  [[ -x "$bin/kube-apiserver" ]] || die "tools build did not produce $bin/kube-apiserver"
+  take_lock die
   if [[ -d "$D" ]] && healthy; then
     log "already up ($(api_url)); admin kubeconfig: $KUBECONFIG_ADMIN"
     return 0
@@ -268,10 +283,6 @@ cmd_up() {
   command -v openssl >/dev/null || die "openssl is required (apt-get install -y openssl)"
   command -v curl >/dev/null || die "curl is required (apt-get install -y curl)"
   [[ "$NODES" =~ ^[0-9]+$ ]] && ((NODES >= 1)) || die "FLJOB_NODES must be a positive integer"
-
-  local bin
-  bin="$("$ROOT/hack/tools.sh" | tail -n1)"
-  [[ -x "$bin/kube-apiserver" ]] || die "tools build did not produce $bin/kube-apiserver"
 
   local t0=$SECONDS
   mkdir -p "$D"/{logs,run,etcd}
@@ -367,9 +378,7 @@ EOF
 }
 
 cmd_down() {
-  mkdir -p "$(dirname "$D")"
-  exec 8>"$D.lock"
-  flock 8
+  take_lock warn
   if [[ ! -e "$D" ]]; then
     rm -rf "${D}.failed-logs"
     log "nothing to do: $D does not exist"
