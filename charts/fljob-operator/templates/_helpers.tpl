@@ -76,26 +76,41 @@ app.kubernetes.io/part-of: fljob-operator
 {{- end }}
 
 {{/*
-The rules the operator needs in every namespace it watches (Role) or cluster-wide (ClusterRole).
-Keep in step with the API calls in src/ and the README's RBAC table; tests/chart.rs runs the operator with only
-the ServiceAccount's token, so a missing verb fails it.
+The rules the operator needs in every namespace it watches (Role) or cluster-wide (ClusterRole): exactly the calls
+it makes (src/controller/), nothing more. tests/chart.rs runs the operator with only the ServiceAccount's token,
+so a missing verb fails it; hack/chart-test.sh pins this list, so a new verb is a deliberate change.
 */}}
 {{- define "fljob-operator.rules" -}}
+# Watch FLJobs; patch adds/removes the fljob.dev/cleanup finalizer; delete serves ttlSecondsAfterFinished.
 - apiGroups: ["fljob.dev"]
-  resources: ["fljobs", "flsites"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  resources: ["fljobs"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# Watch FLSites (the quota pools); the operator never writes their spec.
 - apiGroups: ["fljob.dev"]
-  resources: ["fljobs/status", "flsites/status"]
-  verbs: ["get", "patch", "update"]
+  resources: ["flsites"]
+  verbs: ["get", "list", "watch"]
+# FLJob status is written with server-side apply (PATCH).
+- apiGroups: ["fljob.dev"]
+  resources: ["fljobs/status"]
+  verbs: ["patch"]
+# FLSite status (the quota ledger) is replaced with a resourceVersion precondition (PUT).
+- apiGroups: ["fljob.dev"]
+  resources: ["flsites/status"]
+  verbs: ["update"]
+# Worker pods and their meta ConfigMap carry a controller ownerReference with blockOwnerDeletion, which the
+# OwnerReferencesPermissionEnforcement admission plugin allows only to who may update the owner's finalizers.
 - apiGroups: ["fljob.dev"]
   resources: ["fljobs/finalizers"]
   verbs: ["update"]
+# Worker pods: watched (by label), read when the cache lags, created, annotated for the abort relay, deleted.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The job's meta.json ConfigMap: created once; garbage-collected with the FLJob through its ownerReference.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["create"]
+# Only to check that the Secrets a job names exist and hold the keys it needs; never listed or watched.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
@@ -103,6 +118,7 @@ the ServiceAccount's token, so a missing verb fails it.
   resourceNames:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+# Events about FLJobs (kube-runtime's Recorder: create, then patch to count repeats).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
