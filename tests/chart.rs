@@ -101,7 +101,12 @@ fn flsite_api(client: &Client, ns: &str) -> Api<DynamicObject> {
 
 /// Creates an FLJob whose simulated worker exits 0 after a second.
 async fn create_job(client: &Client, ns: &str, name: &str) -> Result<DynamicObject> {
-    let job: DynamicObject = serde_json::from_value(json!({
+    create_job_with(client, ns, name, json!({}), "1").await
+}
+
+/// Creates an FLJob with extra spec fields, whose simulated worker exits 0 after `run_seconds` ("never": runs on).
+async fn create_job_with(client: &Client, ns: &str, name: &str, extra: Value, run_seconds: &str) -> Result<DynamicObject> {
+    let mut job = json!({
         "apiVersion": "fljob.dev/v1alpha1",
         "kind": "FLJob",
         "metadata": {"name": name},
@@ -111,10 +116,14 @@ async fn create_job(client: &Client, ns: &str, name: &str) -> Result<DynamicObje
             "resources": {"cpu": "1", "memory": "1Gi"},
             "podTemplate": {"metadata": {"annotations": {
                 "sim.fljob.dev/exit-code": "0",
-                "sim.fljob.dev/run-seconds": "1",
+                "sim.fljob.dev/run-seconds": run_seconds,
             }}},
         },
-    }))?;
+    });
+    if let (Some(spec), Some(extra)) = (job["spec"].as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    let job: DynamicObject = serde_json::from_value(job)?;
     Ok(fljob_api(client, ns).create(&PostParams::default(), &job).await?)
 }
 
@@ -230,6 +239,10 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
+        // A test that fails on a timeout shows why, when the reason was RBAC.
+        if let Err(e) = self.assert_never_forbidden() {
+            eprintln!("{e:#}");
+        }
     }
 }
 
@@ -416,16 +429,30 @@ async fn chart_install_rbac_is_enough_upgrade_uninstall() -> Result<()> {
     wait_http_ok(&mut op, "/healthz", Duration::from_secs(30)).await?;
     wait_http_ok(&mut op, "/readyz", Duration::from_secs(60)).await?;
 
+    // Every kind of API call the operator makes: a job run to the end (Secrets read, ConfigMap and pod created,
+    // status and ledger written, Events), one aborted while running (pod annotated, then deleted), and one deleted
+    // by the operator itself when its TTL passes.
     let job = create_job(&client, &ns_name, "train-sa").await?;
+    create_job_with(&client, &ns_name, "train-abort", json!({"abortGracePeriodSeconds": 1}), "never").await?;
+    create_job_with(&client, &ns_name, "train-ttl", json!({"ttlSecondsAfterFinished": 1}), "1").await?;
     let done = wait_phase(&client, &ns_name, "train-sa", "Succeeded", Duration::from_secs(90)).await?;
     ensure!(done.data.pointer("/status/exitCode") == Some(&json!(0)), "exit code: {}", done.data["status"]);
     let (owned, named) = job_pods(&client, &ns_name, &job).await?;
     ensure!(owned == 1 && named.len() <= 1, "want one pod for the job, got {owned} owned, events name {named:?}");
+
+    let running = |j: &DynamicObject| phase(j) == Some("Running");
+    common::wait_for(&fljob_api(&client, &ns_name), "train-abort", Duration::from_secs(60), running).await?;
+    let abort = json!({"spec": {"abort": true}});
+    fljob_api(&client, &ns_name).patch("train-abort", &PatchParams::default(), &Patch::Merge(&abort)).await?;
+    let aborted = wait_phase(&client, &ns_name, "train-abort", "Aborted", Duration::from_secs(60)).await?;
+    let method = aborted.data.pointer("/status/abort/method").and_then(Value::as_str);
+    ensure!(matches!(method, Some("Deleted" | "Forced")), "abort ended by {method:?}, want the pod deleted: {}", aborted.data["status"]);
+    common::wait_gone(&fljob_api(&client, &ns_name), "train-ttl", Duration::from_secs(60)).await.context("TTL deletion")?;
     let metrics = wait_http_ok(&mut op, "/metrics", Duration::from_secs(10)).await?;
     ensure!(metrics.contains("# TYPE"), "/metrics has no metrics:\n{metrics}");
 
     // Deleting the job goes through the operator's finalizer and the pod's deletion, with the same token.
-    delete_jobs(&client, &ns_name, &["train-sa"], Duration::from_secs(60)).await?;
+    delete_jobs(&client, &ns_name, &["train-sa", "train-abort"], Duration::from_secs(60)).await?;
     op.assert_never_forbidden()?;
     drop(op);
 
