@@ -209,6 +209,7 @@ def check_operator_role(role_ns, secret_names=None):
 def check_leader_election(lease_name):
     check("--leader-elect" in args, "--leader-elect")
     check(f"--lease-namespace={ns}" in args and f"--lease-name={lease_name}" in args, "lease flags")
+    check("--lease-duration-seconds=15" in args, "lease duration")
     roles = named("Role", "-leader-election")
     check(len(roles) == 1 and roles[0]["metadata"]["namespace"] == ns, "lease Role in the release namespace")
     if roles:
@@ -304,6 +305,7 @@ bad_values=(
   "spec --set site.create=true --set site.spec.clientName=site-a"
   "site.name --set site.create=true -f $CHART/ci/all-on-values.yaml --set site.spec.clientName=Site_A"
   "bogus --set serviceAccount.bogus=x"
+  "leaseDurationSeconds --set leaderElection.leaseDurationSeconds=1"
 )
 for bad in "${bad_values[@]}"; do
   key="${bad%% *}" flags="${bad#* }"

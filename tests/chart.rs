@@ -187,25 +187,38 @@ struct Operator {
 }
 
 impl Operator {
-    /// Starts `fljob-operator run` authenticated only as the chart's ServiceAccount (`kubeconfig`).
-    fn start(kubeconfig: &Path, ns: &str, identity: &str, dir: &Path, extra: &[&str]) -> Result<Self> {
+    /// Starts the operator binary with the command line and environment of the chart's Deployment in `ns` (so the
+    /// chart's flags are proven to be the binary's), authenticated only as the chart's ServiceAccount
+    /// (`kubeconfig`). The metrics address moves to 127.0.0.1; POD_NAME and POD_NAMESPACE are what the downward API
+    /// would give a pod named `identity`.
+    async fn start(client: &Client, kubeconfig: &Path, ns: &str, identity: &str, dir: &Path) -> Result<Self> {
+        let dep = Api::<Deployment>::namespaced(client.clone(), ns).get(FULLNAME).await?;
+        let container = dep.spec.and_then(|s| s.template.spec).and_then(|s| s.containers.into_iter().next());
+        let container = container.context("the chart's Deployment has no container")?;
         let metrics = format!("127.0.0.1:{}", free_port()?);
+        let mut args = container.args.unwrap_or_default();
+        let at = args.iter().position(|a| a.starts_with("--metrics-addr")).context("the chart sets no --metrics-addr")?;
+        args[at] = format!("--metrics-addr={metrics}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fljob-operator"));
+        cmd.args(&args).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        for var in container.env.unwrap_or_default() {
+            match (var.value, var.value_from.and_then(|f| f.field_ref).map(|f| f.field_path)) {
+                (Some(value), _) => cmd.env(&var.name, value),
+                (None, Some(path)) if path == "metadata.name" => cmd.env(&var.name, identity),
+                (None, Some(path)) if path == "metadata.namespace" => cmd.env(&var.name, ns),
+                (value, from) => bail!("the chart's env {} is neither a value nor a known fieldRef: {value:?} {from:?}", var.name),
+            };
+        }
         let log = dir.join(format!("{identity}.log"));
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_fljob-operator"))
-            .args(["run", "--namespace", ns, "--metrics-addr", &metrics, "--log-format", "text"])
-            .args(extra)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        let child = cmd
             .env("KUBECONFIG", kubeconfig)
-            .env("POD_NAME", identity)
-            .env("POD_NAMESPACE", ns)
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
             .context("starting the operator binary")?;
+        eprintln!("started {identity}: fljob-operator {}", args.join(" "));
         Ok(Self { child, log, metrics, identity: identity.into() })
     }
 
@@ -425,7 +438,7 @@ async fn chart_install_rbac_is_enough_upgrade_uninstall() -> Result<()> {
 
     site_secrets(&client, &ns_name).await?;
     let kubeconfig = sa_kubeconfig(&ns_name, &dir)?;
-    let mut op = Operator::start(&kubeconfig, &ns_name, "chart-op-0", &dir, &[])?;
+    let mut op = Operator::start(&client, &kubeconfig, &ns_name, "chart-op-0", &dir).await?;
     wait_http_ok(&mut op, "/healthz", Duration::from_secs(30)).await?;
     wait_http_ok(&mut op, "/readyz", Duration::from_secs(60)).await?;
 
@@ -490,10 +503,10 @@ async fn chart_leader_election_takeover() -> Result<()> {
     site_secrets(&client, &ns_name).await?;
     let kubeconfig = sa_kubeconfig(&ns_name, &dir)?;
 
-    let le = ["--leader-elect", "--lease-namespace", &ns_name, "--lease-name", FULLNAME];
+    // Both run the chart's command line, which with leader election on names the Lease.
     let mut ops = vec![
-        Operator::start(&kubeconfig, &ns_name, "candidate-a", &dir, &le)?,
-        Operator::start(&kubeconfig, &ns_name, "candidate-b", &dir, &le)?,
+        Operator::start(&client, &kubeconfig, &ns_name, "candidate-a", &dir).await?,
+        Operator::start(&client, &kubeconfig, &ns_name, "candidate-b", &dir).await?,
     ];
     for op in ops.iter_mut() {
         wait_http_ok(op, "/healthz", Duration::from_secs(30)).await?;
