@@ -4,7 +4,7 @@
 #   hack/chart-test.sh
 #
 # 1. hadolint on Dockerfile (settings in .hadolint.yaml).
-# 2. charts/fljob-operator/crds/ holds exactly the files of crds/, byte for byte.
+# 2. charts/fljob-operator/crds/ holds exactly the files of crds/, byte for byte; appVersion is the crate's version.
 # 3. helm lint --strict with the default values and with every charts/fljob-operator/ci/*-values.yaml.
 # 4. helm template with each of those value sets, every object validated against the Kubernetes 1.34 schemas
 #    (kubernetes-validate, strict), FLSite objects against the CRD's own schema, the ServiceMonitor against the
@@ -69,6 +69,12 @@ else
   diff -r crds "$CHART/crds" | head -n 20 || true
   fail "$CHART/crds/ differs from crds/; fix with: rm -f $CHART/crds/*.yaml && cp crds/*.yaml $CHART/crds/"
 fi
+
+step "Chart.yaml appVersion is the crate's version (the default image tag)"
+crate_version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)"
+app_version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$CHART/Chart.yaml")"
+if [[ -n "$crate_version" && "$crate_version" == "$app_version" ]]; then ok "appVersion $app_version"
+else fail "Chart.yaml appVersion '$app_version' != Cargo.toml version '$crate_version'"; fi
 
 # --- 3. helm lint ------------------------------------------------------------------------------------------------
 value_sets=("" "$CHART"/ci/*-values.yaml)
@@ -268,7 +274,7 @@ print(f"  {scenario}: {len(docs)} objects ({', '.join(kinds)})")
 sys.exit(1 if errors else 0)
 PYEOF
 
-APP_VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$CHART/Chart.yaml")"
+APP_VERSION="$app_version"
 step "helm template | validate against Kubernetes $KUBE_VERSION and the CRDs"
 for vf in "${value_sets[@]}"; do
   scenario=defaults
@@ -306,6 +312,7 @@ bad_values=(
   "site.name --set site.create=true -f $CHART/ci/all-on-values.yaml --set site.spec.clientName=Site_A"
   "bogus --set serviceAccount.bogus=x"
   "leaseDurationSeconds --set leaderElection.leaseDurationSeconds=1"
+  "serviceAccount.name --set serviceAccount.create=false"
 )
 for bad in "${bad_values[@]}"; do
   key="${bad%% *}" flags="${bad#* }"

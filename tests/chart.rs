@@ -486,6 +486,7 @@ async fn chart_install_rbac_is_enough_upgrade_uninstall() -> Result<()> {
     ensure!(ns.api::<Role>().list(&ListParams::default()).await?.items.is_empty(), "Role left after uninstall");
     ensure!(flsite_api(&client, &ns_name).get_opt("site-a").await?.is_none(), "FLSite left after uninstall");
     ns.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir); // kept when the test fails: operator logs, kubeconfig
     Ok(())
 }
 
@@ -561,5 +562,6 @@ async fn chart_leader_election_takeover() -> Result<()> {
     drop(survivor);
     helm(&["uninstall", RELEASE, "-n", &ns_name, "--wait", "--timeout", "120s"])?;
     ns.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir); // kept when the test fails: operator logs, kubeconfig
     Ok(())
 }
