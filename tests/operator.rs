@@ -49,9 +49,8 @@ macro_rules! row {
                 _ => "exception",
             };
             assert_eq!(s.client_status.as_deref(), Some(client));
-            let events = env.events_for("row").await;
             let want = $reason.unwrap_or("Succeeded");
-            assert!(events.iter().any(|e| e.starts_with(&format!("{want}:"))), "no {want} Event in {events:#?}");
+            env.wait_event("row", &format!("{want}:")).await;
             env.done().await;
         }
     };
@@ -85,8 +84,7 @@ async fn pending_failure(prefix: &str, sim: &[(&str, &str)], reason: &str, code:
     expect(&j, Phase::Failed, Some(reason), code);
     let pods: Api<Pod> = env.ns.api();
     common::wait_gone(&pods, st(&j).pod_name.as_deref().unwrap(), Duration::from_secs(30)).await.expect("pod removed");
-    let events = env.events_for("row").await;
-    assert!(events.iter().any(|e| e.starts_with(&format!("{reason}:"))), "{events:#?}");
+    env.wait_event("row", &format!("{reason}:")).await;
     env.done().await;
 }
 
@@ -213,7 +211,7 @@ async fn missing_site_waits_then_proceeds() {
     let j = wait_job(&jobs, "row", 60, finished).await;
     assert_eq!(st(&j).phase, Phase::Succeeded);
     let env = Env { client, ns, op, jobs };
-    let events = env.events_for("row").await;
+    let events = env.wait_event("row", "SiteNotFound:").await;
     assert!(events.iter().any(|e| e.starts_with("SiteNotFound:") && e.contains("site-a")), "{events:#?}");
     env.done().await;
 }
@@ -242,7 +240,7 @@ async fn missing_secret_key_waits_then_proceeds() {
     let j = wait_job(&jobs, "row", 60, finished).await;
     assert_eq!(st(&j).phase, Phase::Succeeded);
     let env = Env { client, ns, op, jobs };
-    let events = env.events_for("row").await;
+    let events = env.wait_event("row", "SecretNotFound:").await;
     assert!(events.iter().any(|e| e.starts_with("SecretNotFound:") && e.contains("signature")), "{events:#?}");
     env.done().await;
 }

@@ -51,7 +51,9 @@ pub fn controller(
 /// Reconciles one FLJob.
 #[instrument(skip(job, ctx), fields(fljob = %job.name_any(), namespace = job.namespace().unwrap_or_default(), site = %job.spec.site))]
 pub async fn reconcile(job: Arc<FLJob>, ctx: Arc<Context>) -> Result<Action> {
+    tracing::debug!("reconcile start");
     ctx.ready().await;
+    tracing::debug!("caches ready");
     let started = Instant::now();
     let labels = ControllerLabels { controller: "fljob".into() };
     ctx.metrics.reconciles.get_or_create(&labels).inc();
@@ -334,7 +336,10 @@ pub fn error_policy(job: Arc<FLJob>, error: &Error, ctx: Arc<Context>) -> Action
         .get_or_create(&ErrorLabels { controller: "fljob".into(), error: error.metric_label() })
         .inc();
     match error {
-        Error::Conflict(_) => Action::requeue(Duration::from_millis(200)),
+        Error::Conflict(what) => {
+            tracing::debug!(conflict = %what, "stale data; retrying");
+            Action::requeue(Duration::from_millis(200))
+        }
         e => {
             warn!(fljob = %job.name_any(), error = %e, "reconcile failed");
             Action::requeue(Duration::from_secs(5))

@@ -34,7 +34,9 @@ pub fn controller(ctx: Arc<Context>, sites: ReflectHandle<FLSite>, jobs: Reflect
 /// Reconciles one site's ledger.
 #[instrument(skip(site, ctx), fields(site = %site.name_any(), namespace = site.namespace().unwrap_or_default()))]
 pub async fn reconcile(site: Arc<FLSite>, ctx: Arc<Context>) -> Result<Action> {
+    tracing::debug!("reconcile start");
     ctx.ready().await;
+    tracing::debug!("caches ready");
     let started = Instant::now();
     let labels = ControllerLabels { controller: "flsite".into() };
     ctx.metrics.reconciles.get_or_create(&labels).inc();
@@ -109,7 +111,10 @@ pub fn error_policy(site: Arc<FLSite>, error: &Error, ctx: Arc<Context>) -> Acti
         .get_or_create(&ErrorLabels { controller: "flsite".into(), error: error.metric_label() })
         .inc();
     match error {
-        Error::Conflict(_) => Action::requeue(Duration::from_millis(100)),
+        Error::Conflict(what) => {
+            tracing::debug!(conflict = %what, "stale data; retrying");
+            Action::requeue(Duration::from_millis(100))
+        }
         e => {
             warn!(site = %site.name_any(), error = %e, "reconcile failed");
             Action::requeue(Duration::from_secs(5))

@@ -42,8 +42,11 @@ impl Context {
     /// of jobs that merely were not listed yet.
     pub async fn ready(&self) {
         let _ = self.jobs.wait_until_ready().await;
+        tracing::debug!("jobs ready");
         let _ = self.sites.wait_until_ready().await;
+        tracing::debug!("sites ready");
         let _ = self.pods.wait_until_ready().await;
+        tracing::debug!("pods ready");
     }
 
     /// The cached site of a job.

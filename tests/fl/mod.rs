@@ -79,7 +79,7 @@ impl Operator {
             .args(["run", "--namespace", &self.ns, "--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
             .args(&self.extra)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info,fljob_operator=debug")
+            .env("RUST_LOG", std::env::var("FLJOB_OPERATOR_LOG").unwrap_or_else(|_| "info,fljob_operator=debug".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -275,6 +275,18 @@ impl Env {
     /// Creates a job.
     pub async fn create(&self, job: &FLJob) {
         self.jobs.create(&PostParams::default(), job).await.expect("create job");
+    }
+
+    /// Waits (up to 20 s) until an Event whose line starts with `prefix` is recorded for `name`; returns all lines.
+    pub async fn wait_event(&self, name: &str, prefix: &str) -> Vec<String> {
+        for _ in 0..100 {
+            let lines = self.events_for(name).await;
+            if lines.iter().any(|l| l.starts_with(prefix)) {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("no Event {prefix:?} for {name}: {:#?}", self.events_for(name).await);
     }
 
     /// The Events recorded for an object, as "Reason: note" lines.
