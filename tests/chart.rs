@@ -218,7 +218,7 @@ impl Operator {
             .stderr(out)
             .spawn()
             .context("starting the operator binary")?;
-        eprintln!("started {identity}: fljob-operator {}", args.join(" "));
+        eprintln!("started {identity} (log: {}): fljob-operator {}", log.display(), args.join(" "));
         Ok(Self { child, log, metrics, identity: identity.into() })
     }
 
@@ -441,6 +441,13 @@ async fn chart_install_rbac_is_enough_upgrade_uninstall() -> Result<()> {
     let mut op = Operator::start(&client, &kubeconfig, &ns_name, "chart-op-0", &dir).await?;
     wait_http_ok(&mut op, "/healthz", Duration::from_secs(30)).await?;
     wait_http_ok(&mut op, "/readyz", Duration::from_secs(60)).await?;
+    // The operator writes the FLSite's status once its watches run: proof it reads sites and writes their status,
+    // and the point from which new FLJobs reach it as watch events.
+    let site_ready = |s: &DynamicObject| {
+        let conditions = s.data.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+        conditions.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+    };
+    common::wait_for(&flsite_api(&client, &ns_name), "site-a", Duration::from_secs(60), site_ready).await?;
 
     // Every kind of API call the operator makes: a job run to the end (Secrets read, ConfigMap and pod created,
     // status and ledger written, Events), one aborted while running (pod annotated, then deleted), and one deleted
