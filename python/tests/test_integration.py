@@ -245,15 +245,38 @@ def wait_phase(site, handle: FLJobHandle, phases, timeout=JOB_TIMEOUT) -> dict:
         if phase not in ("Succeeded", "Failed", "Aborted"):
             assert handle.poll() is None, f"poll() must be None while {phase}"
         if time.monotonic() > deadline:
-            pytest.fail(f"FLJob {handle.name} still {phase} (want {phases}):\n{site['operator_log']()}", pytrace=False)
+            pytest.fail(
+                f"FLJob {handle.name} still {phase} (want {phases}):\n{pod_summary(site, handle.name)}\n"
+                f"{site['operator_log']()}",
+                pytrace=False,
+            )
         time.sleep(0.3)
+
+
+def pod_summary(site, name) -> str:
+    """Phase and container states of the FLJob's pods (for failure messages)."""
+    try:
+        pods = site["core"].list_namespaced_pod(site["ns"]).items
+    except Exception as e:  # noqa: BLE001
+        return f"pods: {e}"
+    out = []
+    for pod in pods:
+        if not pod.metadata.name.startswith(name):
+            continue
+        states = [
+            (c.name, c.state.to_dict() if c.state else None) for c in (pod.status.container_statuses or [])
+        ]
+        out.append(f"pod {pod.metadata.name}: phase={pod.status.phase} deleting={bool(pod.metadata.deletion_timestamp)} "
+                   f"containers={states}")
+    return "\n".join(out) or "no pod"
 
 
 def reported(site, driver, job_id, name):
     code = driver.wait_reported(job_id, JOB_TIMEOUT)
     if code is None:
         pytest.fail(
-            f"JobExecutor reported nothing for {name}: {fljob(site, name).get('status')}\n{site['operator_log']()}",
+            f"JobExecutor reported nothing for {name}: {fljob(site, name).get('status')}\n"
+            f"{pod_summary(site, name)}\n{site['operator_log']()}",
             pytrace=False,
         )
     return code
