@@ -51,9 +51,7 @@ pub fn controller(
 /// Reconciles one FLJob.
 #[instrument(skip(job, ctx), fields(fljob = %job.name_any(), namespace = job.namespace().unwrap_or_default(), site = %job.spec.site))]
 pub async fn reconcile(job: Arc<FLJob>, ctx: Arc<Context>) -> Result<Action> {
-    tracing::debug!("reconcile start");
     ctx.ready().await;
-    tracing::debug!("caches ready");
     let started = Instant::now();
     let labels = ControllerLabels { controller: "fljob".into() };
     ctx.metrics.reconciles.get_or_create(&labels).inc();

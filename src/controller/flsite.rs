@@ -34,9 +34,7 @@ pub fn controller(ctx: Arc<Context>, sites: ReflectHandle<FLSite>, jobs: Reflect
 /// Reconciles one site's ledger.
 #[instrument(skip(site, ctx), fields(site = %site.name_any(), namespace = site.namespace().unwrap_or_default()))]
 pub async fn reconcile(site: Arc<FLSite>, ctx: Arc<Context>) -> Result<Action> {
-    tracing::debug!("reconcile start");
     ctx.ready().await;
-    tracing::debug!("caches ready");
     let started = Instant::now();
     let labels = ControllerLabels { controller: "flsite".into() };
     ctx.metrics.reconciles.get_or_create(&labels).inc();

@@ -35,18 +35,17 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// How many of the three caches have completed their first list.
+    pub synced: tokio::sync::watch::Receiver<u8>,
 }
 
 impl Context {
     /// Waits until the three caches hold a full list: decisions on a partial view could release quota
-    /// of jobs that merely were not listed yet.
+    /// of jobs that merely were not listed yet. (`Store::wait_until_ready` keeps a single waker, so it cannot
+    /// be shared by concurrent reconciles; a watch channel can.)
     pub async fn ready(&self) {
-        let _ = self.jobs.wait_until_ready().await;
-        tracing::debug!("jobs ready");
-        let _ = self.sites.wait_until_ready().await;
-        tracing::debug!("sites ready");
-        let _ = self.pods.wait_until_ready().await;
-        tracing::debug!("pods ready");
+        let mut rx = self.synced.clone();
+        let _ = rx.wait_for(|n| *n >= 3).await;
     }
 
     /// The cached site of a job.
@@ -119,17 +118,24 @@ where
     }
 }
 
-async fn drive<K, S>(name: &'static str, stream: S)
+/// Drives a reflector; counts its first completed list into `synced`.
+async fn drive<K, S>(name: &'static str, stream: S, synced: Arc<tokio::sync::watch::Sender<u8>>)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
-    stream
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::warn!(watch = name, error = %e, "watch failed; retrying with backoff");
+    let mut listed = false;
+    let mut stream = std::pin::pin!(stream);
+    while let Some(r) = stream.next().await {
+        match r {
+            Ok(watcher::Event::InitDone) if !listed => {
+                listed = true;
+                synced.send_modify(|n| *n += 1);
+                tracing::debug!(watch = name, "cache synced");
             }
-        })
-        .await
+            Ok(_) => {}
+            Err(e) => tracing::warn!(watch = name, error = %e, "watch failed; retrying with backoff"),
+        }
+    }
 }
 
 /// Runs both controllers until shutdown (SIGTERM / SIGINT).
@@ -157,6 +163,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         .modify(|p| p.managed_fields_mut().clear())
         .reflect_shared(pod_writer);
 
+    let (synced_tx, synced) = tokio::sync::watch::channel(0u8);
+    let synced_tx = Arc::new(synced_tx);
     let reporter = Reporter { controller: "fljob-operator".into(), instance: Some(opts.identity.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -165,6 +173,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         pods,
         recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
+        synced,
     });
 
     let job_ctl = fljob::controller(ctx.clone(), job_events.clone(), site_events.clone(), pod_events, opts.concurrency);
@@ -172,9 +181,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
     let gauges = refresh_gauges(ctx.clone());
     tokio::select! {
         _ = futures::future::join(job_ctl, site_ctl) => tracing::info!("controllers stopped"),
-        _ = drive("fljobs", job_watch) => {},
-        _ = drive("flsites", site_watch) => {},
-        _ = drive("pods", pod_watch) => {},
+        _ = drive("fljobs", job_watch, synced_tx.clone()) => {},
+        _ = drive("flsites", site_watch, synced_tx.clone()) => {},
+        _ = drive("pods", pod_watch, synced_tx) => {},
         _ = gauges => {},
     }
 }
