@@ -61,7 +61,7 @@ step "chart CRDs are the files of crds/"
 shopt -s nullglob
 top_crds=(crds/*.yaml)
 if ((${#top_crds[@]} == 0)); then
-  fail "crds/ has no CRDs (generate them with: cargo run -- crd)"
+  fail "crds/ has no CRDs (generate them with: cargo run -- crd --out-dir crds)"
 fi
 if diff -r crds "$CHART/crds" >/dev/null; then
   ok "crds/ == $CHART/crds/ (${#top_crds[@]} files)"
