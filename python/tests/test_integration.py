@@ -121,7 +121,11 @@ def site(env, tmp_path_factory):
     custom = client.CustomObjectsApi(api)
     _ensure_crds(api)
     ns = f"fljob-py-{uuid.uuid4().hex[:8]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns, labels={"fljob.dev/test": "python"})))
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns, labels={"fljob.dev/test": "true"})))
+    deadline = time.monotonic() + 30
+    while not any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items):
+        assert time.monotonic() < deadline, f"no default ServiceAccount in {ns} (pods would be refused)"
+        time.sleep(0.2)
     core.create_namespaced_secret(
         ns,
         client.V1Secret(
