@@ -157,8 +157,8 @@ def named(kind, suffix=""):
 
 # What the operator needs in a watched namespace, and nothing more (the chart's _helpers.tpl says why).
 OPERATOR_RULES = [
-    {"apiGroups": ["fljob.dev"], "resources": ["fljobs"], "verbs": ["get", "list", "watch", "patch", "delete"]},
-    {"apiGroups": ["fljob.dev"], "resources": ["flsites"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["fljob.dev"], "resources": ["fljobs"], "verbs": ["list", "watch", "patch", "delete"]},
+    {"apiGroups": ["fljob.dev"], "resources": ["flsites"], "verbs": ["list", "watch"]},
     {"apiGroups": ["fljob.dev"], "resources": ["fljobs/status"], "verbs": ["patch"]},
     {"apiGroups": ["fljob.dev"], "resources": ["flsites/status"], "verbs": ["update"]},
     {"apiGroups": ["fljob.dev"], "resources": ["fljobs/finalizers"], "verbs": ["update"]},

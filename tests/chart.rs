@@ -387,6 +387,7 @@ async fn chart_rbac_scope() -> Result<()> {
         ("create", "fljob.dev/fljobs", here), ("update", "fljob.dev/fljobs", here), ("patch", "fljob.dev/flsites", here),
         ("delete", "fljob.dev/flsites", here), ("update", "pods", here), ("get", "configmaps", here),
         ("delete", "configmaps", here), ("create", "events", here), ("create", "coordination.k8s.io/leases", here),
+        ("get", "fljob.dev/fljobs", here), ("get", "fljob.dev/flsites", here),
         ("list", "fljob.dev/fljobs", Some("default")), ("create", "pods", Some("default")), ("list", "fljob.dev/fljobs", None),
     ] {
         ensure!(!can(verb, resource, in_ns, None).await?, "namespaced install: SA may {verb} {resource} in {in_ns:?}");

@@ -81,14 +81,15 @@ it makes (src/controller/), nothing more. tests/chart.rs runs the operator with 
 so a missing verb fails it; hack/chart-test.sh pins this list, so a new verb is a deliberate change.
 */}}
 {{- define "fljob-operator.rules" -}}
-# Watch FLJobs; patch adds/removes the fljob.dev/cleanup finalizer; delete serves ttlSecondsAfterFinished.
+# Watch FLJobs (the controller reads them from its cache, never with a GET); patch adds/removes the
+# fljob.dev/cleanup finalizer; delete serves ttlSecondsAfterFinished.
 - apiGroups: ["fljob.dev"]
   resources: ["fljobs"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "patch", "delete"]
 # Watch FLSites (the quota pools); the operator never writes their spec.
 - apiGroups: ["fljob.dev"]
   resources: ["flsites"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # FLJob status is written with server-side apply (PATCH).
 - apiGroups: ["fljob.dev"]
   resources: ["fljobs/status"]
