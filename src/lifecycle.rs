@@ -189,7 +189,10 @@ pub fn decide(input: Input<'_>) -> Decision {
         now: input.now.clone(),
         generation: job.metadata.generation,
     };
-    cx.st.observed_generation = job.metadata.generation;
+    // A finished job's status is final: a later spec change (say, an abort) is not even acknowledged.
+    if !cx.st.phase.is_finished() {
+        cx.st.observed_generation = job.metadata.generation;
+    }
     if cx.st.client_status.is_none() {
         cx.phase(cx.st.phase);
     }
