@@ -2,7 +2,7 @@
 # (hack/tools/) into ~/.cache/fljob-operator/<versions>/bin and run on 127.0.0.1.
 SHELL := /usr/bin/env bash
 
-.PHONY: tools cluster-up cluster-down cluster-status kubeconfig test demo
+.PHONY: tools cluster-up cluster-down cluster-status kubeconfig test demo demo-down
 
 tools: ## build (or reuse) kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm
 	@hack/tools.sh >/dev/null
@@ -22,5 +22,8 @@ kubeconfig: ## print the admin kubeconfig path (use: make -s kubeconfig)
 test: ## build tools, bring a cluster up if needed (down again after), cargo test
 	@hack/test.sh
 
-demo: ## placeholder: filled in with the operator demo
-	@echo "demo: not implemented yet" >&2; exit 1
+demo: ## local cluster + chart + operator from this tree + the examples, watched live
+	@hack/demo.sh
+
+demo-down: ## stop the demo's operator and the cluster
+	@hack/demo.sh down

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# make demo: a local control plane, the chart installed from this tree, the operator (built from this tree) running
+# with exactly the chart's RBAC, and the examples running live. No image can be pulled here, so the operator runs
+# as a local process authenticated with the chart's ServiceAccount token instead of as the chart's Deployment
+# (installed with replicaCount=0); the worker pods are simulated by kwok.
+#   make demo        bring it all up and watch the jobs
+#   make demo-down   stop the operator and the cluster
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+D="${FLJOB_CLUSTER_DIR:-/tmp/fljob-cluster}"
+NS="${FLJOB_DEMO_NAMESPACE:-fl-site-a}"
+PORT="${FLJOB_DEMO_METRICS_PORT:-18080}"
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+if [[ "${1:-}" == down ]]; then
+  if [[ -f "$D/run/demo-operator.pid" ]]; then kill "$(cat "$D/run/demo-operator.pid")" 2>/dev/null || true; fi
+  exec hack/cluster.sh down
+fi
+
+say "Building the control plane tools (first time: ~10 min) and the operator"
+hack/tools.sh >/dev/null
+cargo build --locked --bin fljob-operator
+say "Starting the local cluster (etcd, kube-apiserver, controller-manager, scheduler, kwok nodes)"
+hack/cluster.sh up
+K=("$D/bin/kubectl" --kubeconfig "$D/admin.kubeconfig")
+H=("$D/bin/helm" --kubeconfig "$D/admin.kubeconfig")
+
+say "Installing the chart into namespace $NS (CRDs, RBAC, ServiceAccount; replicaCount=0, see above)"
+"${K[@]}" create namespace "$NS" --dry-run=client -o yaml | "${K[@]}" apply -f - >/dev/null
+"${H[@]}" upgrade --install fljob-operator charts/fljob-operator -n "$NS" --set replicaCount=0 --wait >/dev/null
+"${K[@]}" wait --for=condition=Established crd/fljobs.fljob.dev crd/flsites.fljob.dev >/dev/null
+
+say "Running the operator as the chart's ServiceAccount (log: $D/logs/demo-operator.log)"
+if [[ -f "$D/run/demo-operator.pid" ]]; then kill "$(cat "$D/run/demo-operator.pid")" 2>/dev/null || true; fi
+hack/cluster.sh sa-kubeconfig "$NS" fljob-operator "$D/demo-operator.kubeconfig" >/dev/null
+KUBECONFIG="$D/demo-operator.kubeconfig" setsid target/debug/fljob-operator run --namespace "$NS" \
+  --metrics-addr "127.0.0.1:$PORT" >"$D/logs/demo-operator.log" 2>&1 </dev/null &
+echo $! >"$D/run/demo-operator.pid"
+for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+
+say "Applying examples/site.yaml and examples/jobs.yaml (capacity: 2 jobs at a time)"
+"${K[@]}" -n "$NS" delete fljobs --all --wait=true >/dev/null 2>&1 || true
+"${K[@]}" -n "$NS" apply -f examples/site.yaml -f examples/jobs.yaml
+
+say "Watching the jobs (long-training runs until it is aborted; the demo aborts it after ~10 s)"
+aborted=0
+for i in $(seq 90); do
+  printf '\033[2m--- %ss ---\033[0m\n' "$((i * 2))"
+  "${K[@]}" -n "$NS" get flj
+  phases="$("${K[@]}" -n "$NS" get flj -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}')"
+  if ((!aborted && i >= 5)); then
+    echo "  -> kubectl patch flj long-training --type merge -p '{\"spec\":{\"abort\":true}}'"
+    "${K[@]}" -n "$NS" patch flj long-training --type merge -p '{"spec":{"abort":true}}' >/dev/null
+    aborted=1
+  fi
+  if [[ "$(grep -cE '^(Succeeded|Failed|Aborted)$' <<<"$phases")" == 3 ]]; then break; fi
+  sleep 2
+done
+"${K[@]}" -n "$NS" get fls
+
+cat <<MSG
+
+$(printf '\033[1m')All three jobs finished: one Succeeded, one Failed with NVFlare's 102 (UnsafeComponent), one Aborted.$(printf '\033[0m')
+Look around:
+  export KUBECONFIG=$D/admin.kubeconfig PATH=$D/bin:\$PATH
+  kubectl -n $NS get flj,fls                     # jobs and the site's quota pool
+  kubectl -n $NS get flj -o wide                 # job ids and pod names too
+  kubectl -n $NS describe flj unsafe-component   # conditions and Events
+  kubectl -n $NS get flj long-training -o jsonpath='{.status.abort}'
+  kubectl -n $NS get pods -L fljob.dev/job
+  curl -s http://127.0.0.1:$PORT/metrics | grep ^fljob_
+  kubectl -n $NS apply -f examples/jobs.yaml      # after deleting them, to run them again
+Operator log: $D/logs/demo-operator.log
+Tear down:    make demo-down
+MSG
