@@ -243,13 +243,15 @@ class FLJobLauncher(JobLauncherSpec):
             else:
                 self.logger.warning(f"job {job_id}: no client credentials in the FL context; using the FLSite's")
 
-        fljob = self._create_fljob(custom_api, body)
+        fljob, created = self._create_fljob(custom_api, body)
         if creds:
             try:
                 self._upsert_credentials_secret(core_api, fljob, creds)
             except Exception:
-                # Without its Secret the job would wait forever: take the FLJob back and let JobExecutor see the error.
-                self._delete_fljob(custom_api, name)
+                # Without its Secret a new job would wait forever: take the FLJob back and let JobExecutor see the
+                # error. An adopted job keeps running with the Secret it has.
+                if created:
+                    self._delete_fljob(custom_api, name)
                 raise
 
         handle = FLJobHandle(
@@ -270,11 +272,12 @@ class FLJobLauncher(JobLauncherSpec):
             handle.terminate()
         return handle
 
-    def _create_fljob(self, custom_api, body: dict) -> dict:
+    def _create_fljob(self, custom_api, body: dict):
+        """Create the FLJob; returns (object, created). An unfinished FLJob of the same job is adopted."""
         name = body["metadata"]["name"]
         for attempt in range(2):
             try:
-                return custom_api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+                return custom_api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body), True
             except ApiException as e:
                 if e.status != 409 or attempt:
                     raise
@@ -285,7 +288,7 @@ class FLJobLauncher(JobLauncherSpec):
             if not is_terminal(existing) and not (existing.get("metadata") or {}).get("deletionTimestamp"):
                 # The same job at the same site, still going (e.g. the client parent restarted): adopt it.
                 self.logger.info(f"FLJob {self.namespace}/{name} already exists and is not finished: adopting it")
-                return existing
+                return existing, False
             # A finished (or terminating) run of the same job id: remove it so the job can run again.
             self.logger.info(f"FLJob {self.namespace}/{name} is from a finished run: replacing it")
             self._delete_fljob(custom_api, name, wait=60.0)

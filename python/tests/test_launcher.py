@@ -266,6 +266,17 @@ class TestLaunch:
         assert fljob["metadata"]["uid"] == uid and fljob["status"]["phase"] == "Running"
         assert secret_values(cluster.secret(NS, f"{h1.name}-creds"))["token"] == "t2"
 
+    def test_secret_failure_keeps_an_adopted_job(self, cluster):
+        launcher = make_launcher(cluster)
+        meta = job_meta()
+        h1 = launcher.launch_job(meta, make_ctx(launcher))
+        cluster.set_status(h1.name, {"phase": "Running"})
+        cluster.fail_next["create-Secret"] = ApiException(status=403, reason="Forbidden")
+        cluster.delete("Secret", NS, f"{h1.name}-creds")
+        with pytest.raises(ApiException):
+            launcher.launch_job(meta, make_ctx(launcher))
+        assert [j["metadata"]["name"] for j in cluster.fljobs()] == [h1.name]
+
     def test_relaunch_of_finished_job_replaces_it(self, cluster):
         launcher = make_launcher(cluster)
         meta = job_meta()
