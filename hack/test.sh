@@ -37,3 +37,9 @@ FLJOB_TOOLS_BIN="${FLJOB_CLUSTER_DIR:-/tmp/fljob-cluster}/bin"
 export FLJOB_TEST_KUBECONFIG FLJOB_TOOLS_BIN
 
 cargo test --locked "$@" -- --test-threads=4
+
+# The NVFlare launcher (python/): unit tests with the real nvflare package, and its integration test against this
+# cluster and the operator binary cargo just built. It must not skip here.
+if (($# == 0)); then
+  FLJOB_REQUIRE_CLUSTER=1 FLJOB_OPERATOR_BIN="$ROOT/target/debug/fljob-operator" python/run-tests.sh
+fi
