@@ -17,6 +17,7 @@ from .mapping import GROUP, PLURAL, VERSION, is_terminal, return_code_from_statu
 DEFAULT_WATCH_TIMEOUT_SECONDS = 60
 DEFAULT_TERMINATE_TIMEOUT = 30.0
 _HTTP_GONE = 410
+_REQUEST_TIMEOUT = 30  # seconds for one plain (non-watch) API call
 _HTTP_NOT_FOUND = 404
 
 # done(obj, deleted) -> True when the observer should stop. obj is the FLJob dict (None when it no longer exists).
@@ -122,7 +123,9 @@ class FLJobHandle(JobHandleSpec):
 
     def _get(self) -> Optional[dict]:
         try:
-            return self.custom_api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name)
+            return self.custom_api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=_REQUEST_TIMEOUT
+            )
         except ApiException as e:
             if e.status == _HTTP_NOT_FOUND:
                 return None
@@ -140,7 +143,7 @@ class FLJobHandle(JobHandleSpec):
                 return False
             try:
                 listing = self.custom_api.list_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, field_selector=selector
+                    GROUP, VERSION, self.namespace, PLURAL, field_selector=selector, _request_timeout=_REQUEST_TIMEOUT
                 )
                 items = listing.get("items") or []
                 obj = items[0] if items else None
@@ -231,7 +234,13 @@ class FLJobHandle(JobHandleSpec):
             return None
         try:
             obj = self.custom_api.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, self.name, {"spec": {"abort": True}}
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                {"spec": {"abort": True}},
+                _request_timeout=_REQUEST_TIMEOUT,
             )
         except ApiException as e:
             if e.status == _HTTP_NOT_FOUND:
