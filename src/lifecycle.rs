@@ -226,25 +226,10 @@ pub fn decide(input: Input<'_>) -> Decision {
         return cx.done();
     }
 
-    let site = match &input.site {
-        SiteView::Missing => {
-            cx.phase(Phase::Pending);
-            let msg = format!(
-                "FLSite {:?} not found in namespace {}; create it (or fix spec.site); the job waits",
-                job.spec.site,
-                job.namespace().unwrap_or_default()
-            );
-            cx.cond(cond::RESOLVED, false, "SiteNotFound", msg);
-            // The site watch wakes the job up when the site appears.
-            return cx.done();
-        }
-        SiteView::Found { site, .. } => *site,
-    };
-
-    // Observe the pod once it exists.
+    // Observe the pod once it exists, even if its site has gone since.
     match input.pod {
         PodView::Present(p) => {
-            observe_pod(&mut cx, site, p);
+            observe_pod(&mut cx, site_of(&input.site), p);
             task_abort(&mut cx, p);
             return cx.done();
         }
@@ -260,6 +245,21 @@ pub fn decide(input: Input<'_>) -> Decision {
         }
         PodView::NotFound => {}
     }
+
+    let site = match &input.site {
+        SiteView::Missing => {
+            cx.phase(Phase::Pending);
+            let msg = format!(
+                "FLSite {:?} not found in namespace {}; create it (or fix spec.site); the job waits",
+                job.spec.site,
+                job.namespace().unwrap_or_default()
+            );
+            cx.cond(cond::RESOLVED, false, "SiteNotFound", msg);
+            // The site watch wakes the job up when the site appears.
+            return cx.done();
+        }
+        SiteView::Found { site, .. } => *site,
+    };
 
     if let Some(res) = allocation {
         // Admitted: record the allocation, then create the pod.
@@ -453,7 +453,14 @@ fn finished(cx: &mut Ctx<'_>, input: &Input<'_>, holding: bool) {
     }
 }
 
-fn observe_pod(cx: &mut Ctx<'_>, site: &FLSite, p: &Pod) {
+fn site_of<'a>(view: &SiteView<'a>) -> Option<&'a FLSite> {
+    match view {
+        SiteView::Found { site, .. } => Some(site),
+        SiteView::Missing => None,
+    }
+}
+
+fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
     cx.st.pod_name = Some(p.name_any());
     let image = p
         .spec
@@ -471,7 +478,7 @@ fn observe_pod(cx: &mut Ctx<'_>, site: &FLSite, p: &Pod) {
             }
         }
         PodState::Unschedulable { since, message } => {
-            let timeout = site.spec.pending_timeout_seconds.unwrap_or(DEFAULT_PENDING_TIMEOUT_SECONDS);
+            let timeout = site.and_then(|s| s.spec.pending_timeout_seconds).unwrap_or(DEFAULT_PENDING_TIMEOUT_SECONDS);
             let since = since.or_else(|| p.metadata.creation_timestamp.clone()).unwrap_or_else(|| cx.now.clone());
             match until(after_secs(&since, timeout), &cx.now) {
                 Some(wait) => {
@@ -553,6 +560,8 @@ pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> String {
     }
     if ahead > 0 {
         msg.push_str(&format!(" ({ahead} earlier job(s) ahead in the queue)"));
+    } else if short.is_empty() {
+        msg.push_str(" (next in line)");
     }
     msg
 }

@@ -413,3 +413,14 @@ fn quantities_in_a_site_default_resources_are_used() {
     let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });
     assert_eq!(d.status.reason.as_deref(), Some("ExceedsCapacity"), "default cpu 1 > capacity 500m");
 }
+
+#[test]
+fn a_running_job_keeps_running_when_its_site_is_deleted() {
+    let job = started_job();
+    let pod = mk_pod("Running", running());
+    let d = decide(Input { job: &job, site: SiteView::Missing, secrets: SecretsView::NotChecked, pod: PodView::Present(&pod), now: t(6000) });
+    assert_eq!(d.status.phase, Phase::Running);
+    let done = mk_pod("Failed", exited(101, "Error", true));
+    let d = decide(Input { job: &job, site: SiteView::Missing, secrets: SecretsView::NotChecked, pod: PodView::Present(&done), now: t(7000) });
+    assert_eq!((d.status.phase, d.status.exit_code), (Phase::Failed, Some(101)));
+}

@@ -1,7 +1,7 @@
 //! The FLJob controller: fetch (caches, plus a Secret check before admission) -> decide (`lifecycle::decide`, pure)
 //! -> apply (pod steps and one status write, only when it changed) -> publish Events for the transitions.
 
-use super::{Context, FINALIZER, affected_by_site, allocation_resources};
+use super::{Context, FINALIZER, Trigger, affected_by_site, allocation_resources};
 use crate::api::{FLJob, FLJobStatus, FLSite, MANAGER, millis, now};
 use crate::events::{Note, transitions};
 use crate::lifecycle::{self, Decision, Input, PodView, SecretsView, SiteView, Step, decide};
@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{ObjectRef, ReflectHandle};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,16 +22,16 @@ use tracing::{info, instrument, warn};
 /// Builds the FLJob controller on the shared caches.
 pub fn controller(
     ctx: Arc<Context>,
-    jobs: ReflectHandle<FLJob>,
-    sites: ReflectHandle<FLSite>,
-    pods: ReflectHandle<Pod>,
+    jobs: Trigger<FLJob>,
+    sites: Trigger<FLSite>,
+    pods: Trigger<Pod>,
     concurrency: u16,
 ) -> impl std::future::Future<Output = ()> {
     let job_store = ctx.jobs.clone();
     let mapper_store = ctx.jobs.clone();
-    Controller::for_shared_stream(jobs, job_store)
-        .owns_shared_stream(pods)
-        .watches_shared_stream(sites, move |site: Arc<FLSite>| {
+    Controller::for_stream(jobs.map(Ok), job_store)
+        .owns_stream(pods.map(Ok))
+        .watches_stream(sites.map(Ok), move |site: FLSite| {
             let ns = site.namespace();
             let name = site.name_any();
             mapper_store

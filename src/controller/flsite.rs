@@ -2,7 +2,7 @@
 //! hold and admits waiting jobs in creation order, in one status write guarded by the site's resourceVersion, so two
 //! decisions can never over-admit, and a release can never happen twice.
 
-use super::Context;
+use super::{Context, Trigger};
 use crate::api::{FLJob, FLSite, FLSiteStatus, condition, set_condition};
 use crate::metrics::{ControllerLabels, ErrorLabels, QueueLabels, SiteLabels};
 use crate::quota;
@@ -10,17 +10,17 @@ use crate::{Error, Result, kube_err};
 use futures::StreamExt;
 use kube::api::PostParams;
 use kube::runtime::controller::{Action, Config, Controller};
-use kube::runtime::reflector::{ObjectRef, ReflectHandle};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, instrument, warn};
 
 /// Builds the FLSite controller on the shared caches.
-pub fn controller(ctx: Arc<Context>, sites: ReflectHandle<FLSite>, jobs: ReflectHandle<FLJob>) -> impl std::future::Future<Output = ()> {
+pub fn controller(ctx: Arc<Context>, sites: Trigger<FLSite>, jobs: Trigger<FLJob>) -> impl std::future::Future<Output = ()> {
     let store = ctx.sites.clone();
-    Controller::for_shared_stream(sites, store)
-        .watches_shared_stream(jobs, |job: Arc<FLJob>| {
+    Controller::for_stream(sites.map(Ok), store)
+        .watches_stream(jobs.map(Ok), |job: FLJob| {
             let ns = job.namespace().unwrap_or_default();
             Some(ObjectRef::<FLSite>::new(&job.spec.site).within(&ns))
         })

@@ -118,15 +118,43 @@ where
     }
 }
 
-/// Drives a reflector; counts its first completed list into `synced`.
-async fn drive<K, S>(name: &'static str, stream: S, synced: Arc<tokio::sync::watch::Sender<u8>>)
+/// A trigger stream for one controller, fed by [`drive`].
+pub type Trigger<K> = tokio_stream::wrappers::UnboundedReceiverStream<K>;
+
+/// One sender per consumer of a watch.
+struct FanOut<K>(Vec<tokio::sync::mpsc::UnboundedSender<K>>);
+
+impl<K: Clone> FanOut<K> {
+    fn new(consumers: usize) -> (Self, Vec<Trigger<K>>) {
+        let (txs, rxs) = (0..consumers)
+            .map(|_| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (tx, Trigger::new(rx))
+            })
+            .unzip();
+        (FanOut(txs), rxs)
+    }
+
+    fn send(&self, obj: &K) {
+        for tx in &self.0 {
+            let _ = tx.send(obj.clone());
+        }
+    }
+}
+
+/// Drives one watch: keeps its cache, hands every object it sees (added, changed, deleted, listed) to each
+/// consumer, and counts its first completed list into `synced`. One watch per kind serves both controllers; the
+/// channels are unbounded so a busy controller never stalls the cache the other one reads.
+async fn drive<K, S>(name: &'static str, stream: S, out: FanOut<K>, synced: Arc<tokio::sync::watch::Sender<u8>>)
 where
+    K: Clone,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let mut listed = false;
     let mut stream = std::pin::pin!(stream);
     while let Some(r) = stream.next().await {
         match r {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) => out.send(&o),
             Ok(watcher::Event::InitDone) if !listed => {
                 listed = true;
                 synced.send_modify(|n| *n += 1);
@@ -140,28 +168,32 @@ where
 
 /// Runs both controllers until shutdown (SIGTERM / SIGINT).
 pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
-    const BUFFER: usize = 1024;
-    let (jobs, job_writer) = reflector::store_shared::<FLJob>(BUFFER);
-    let (sites, site_writer) = reflector::store_shared::<FLSite>(BUFFER);
-    let (pods, pod_writer) = reflector::store_shared::<Pod>(BUFFER);
-    let subscribe = "a shared store always has subscribers";
-    let job_events = job_writer.subscribe().expect(subscribe);
-    let site_events = site_writer.subscribe().expect(subscribe);
-    let pod_events = pod_writer.subscribe().expect(subscribe);
+    let (jobs, job_writer) = reflector::store::<FLJob>();
+    let (sites, site_writer) = reflector::store::<FLSite>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let (job_out, mut job_triggers) = FanOut::new(2);
+    let (site_out, mut site_triggers) = FanOut::new(2);
+    let (pod_out, mut pod_triggers) = FanOut::new(1);
 
     let pod_config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let job_watch = watcher(api::<FLJob>(&client, &opts.namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(|j| j.managed_fields_mut().clear())
-        .reflect_shared(job_writer);
-    let site_watch = watcher(api::<FLSite>(&client, &opts.namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(|s| s.managed_fields_mut().clear())
-        .reflect_shared(site_writer);
-    let pod_watch = watcher(api::<Pod>(&client, &opts.namespace), pod_config)
-        .default_backoff()
-        .modify(|p| p.managed_fields_mut().clear())
-        .reflect_shared(pod_writer);
+    let job_watch = reflector::reflector(
+        job_writer,
+        watcher(api::<FLJob>(&client, &opts.namespace), watcher::Config::default())
+            .default_backoff()
+            .modify(|j| j.managed_fields_mut().clear()),
+    );
+    let site_watch = reflector::reflector(
+        site_writer,
+        watcher(api::<FLSite>(&client, &opts.namespace), watcher::Config::default())
+            .default_backoff()
+            .modify(|s| s.managed_fields_mut().clear()),
+    );
+    let pod_watch = reflector::reflector(
+        pod_writer,
+        watcher(api::<Pod>(&client, &opts.namespace), pod_config)
+            .default_backoff()
+            .modify(|p| p.managed_fields_mut().clear()),
+    );
 
     let (synced_tx, synced) = tokio::sync::watch::channel(0u8);
     let synced_tx = Arc::new(synced_tx);
@@ -176,14 +208,15 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         synced,
     });
 
-    let job_ctl = fljob::controller(ctx.clone(), job_events.clone(), site_events.clone(), pod_events, opts.concurrency);
-    let site_ctl = flsite::controller(ctx.clone(), site_events, job_events);
+    let (jt, st, pt) = (job_triggers.remove(0), site_triggers.remove(0), pod_triggers.remove(0));
+    let job_ctl = fljob::controller(ctx.clone(), jt, st, pt, opts.concurrency);
+    let site_ctl = flsite::controller(ctx.clone(), site_triggers.remove(0), job_triggers.remove(0));
     let gauges = refresh_gauges(ctx.clone());
     tokio::select! {
         _ = futures::future::join(job_ctl, site_ctl) => tracing::info!("controllers stopped"),
-        _ = drive("fljobs", job_watch, synced_tx.clone()) => {},
-        _ = drive("flsites", site_watch, synced_tx.clone()) => {},
-        _ = drive("pods", pod_watch, synced_tx) => {},
+        _ = drive("fljobs", job_watch, job_out, synced_tx.clone()) => {},
+        _ = drive("flsites", site_watch, site_out, synced_tx.clone()) => {},
+        _ = drive("pods", pod_watch, pod_out, synced_tx) => {},
         _ = gauges => {},
     }
 }
