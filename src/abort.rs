@@ -59,6 +59,13 @@ fn after(t: &Time, d: Duration) -> i64 {
     millis(t).saturating_add(d.as_millis() as i64)
 }
 
+/// How long after its deletion a pod that is still there is force-deleted: its own termination grace period
+/// (SIGTERM to SIGKILL) plus a little slack.
+pub fn force_after(pod: &Pod) -> Duration {
+    let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(DEFAULT_POD_GRACE);
+    Duration::from_secs(grace.max(0) as u64) + FORCE_SLACK
+}
+
 /// The next step of an abort already recorded in `abort`.
 pub fn next_step(abort: &AbortStatus, grace_seconds: i64, pod: AbortPod<'_>, now: &Time) -> AbortStep {
     let deadline_cause = abort.cause.as_deref() == Some(cause::DEADLINE);
@@ -101,14 +108,10 @@ pub fn next_step(abort: &AbortStatus, grace_seconds: i64, pod: AbortPod<'_>, now
                 None => AbortStep::DeletePod,
             }
         }
+        // Recorded as deleted, but the delete did not go through: issue it again.
+        Some(_) if pod.metadata.deletion_timestamp.is_none() => AbortStep::DeletePod,
         Some(deleted_at) => {
-            let pod_grace = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.termination_grace_period_seconds)
-                .unwrap_or(DEFAULT_POD_GRACE)
-                .max(0) as u64;
-            let force_at = after(deleted_at, Duration::from_secs(pod_grace) + FORCE_SLACK);
+            let force_at = after(deleted_at, force_after(pod));
             match until(force_at, now) {
                 Some(wait) => AbortStep::Wait(wait),
                 None => AbortStep::ForceDelete,

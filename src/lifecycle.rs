@@ -70,8 +70,7 @@ pub enum PodView<'a> {
 /// Side effects for the reconciler.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// Create the meta ConfigMap and the worker pod. The new status is written first: the allocation is recorded
-    /// in the API before the pod exists.
+    /// Create the meta ConfigMap and the worker pod (after the status with the allocation is written).
     CreatePod,
     /// Set an annotation on the pod.
     AnnotatePod {
@@ -395,13 +394,13 @@ fn run_abort(cx: &mut Ctx<'_>, input: &Input<'_>) {
         }
         AbortStep::DeletePod => {
             cx.steps.push(Step::DeletePod);
-            a.pod_deleted_at = Some(cx.now.clone());
+            if a.pod_deleted_at.is_none() {
+                a.pod_deleted_at = Some(cx.now.clone());
+            }
             cx.phase(Phase::Aborting);
-            let again = abort::next_step(&a, grace, pod, &cx.now);
-            if let AbortStep::Wait(d) = again {
-                cx.requeue_in(d);
-            } else {
-                cx.requeue_in(Duration::from_secs(1));
+            match input.pod {
+                PodView::Present(p) => cx.requeue_in(abort::force_after(p)),
+                _ => cx.requeue_in(Duration::from_secs(1)),
             }
         }
         AbortStep::ForceDelete => {
@@ -434,7 +433,10 @@ fn finished(cx: &mut Ctx<'_>, input: &Input<'_>, holding: bool) {
     }
     if let PodView::Present(p) = input.pod {
         let live = !matches!(pod_state(p), PodState::Exited { .. } | PodState::Evicted { .. } | PodState::Lost { .. });
-        if live && p.metadata.deletion_timestamp.is_none() {
+        let forced = cx.st.abort.as_ref().is_some_and(|a| a.method == Some(crate::api::AbortMethod::Forced));
+        if forced {
+            cx.steps.push(Step::ForceDeletePod); // the recorded force-delete may not have gone through
+        } else if live && p.metadata.deletion_timestamp.is_none() {
             cx.steps.push(Step::DeletePod);
         }
     }

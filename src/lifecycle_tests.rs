@@ -424,3 +424,31 @@ fn a_running_job_keeps_running_when_its_site_is_deleted() {
     let d = decide(Input { job: &job, site: SiteView::Missing, secrets: SecretsView::NotChecked, pod: PodView::Present(&done), now: t(7000) });
     assert_eq!((d.status.phase, d.status.exit_code), (Phase::Failed, Some(101)));
 }
+
+#[test]
+fn a_recorded_pod_delete_that_did_not_go_through_is_issued_again() {
+    let mut job = started_job();
+    aborting(&mut job, 6000);
+    job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(16_000));
+    let mut pod = mk_pod("Running", running());
+    annotate(&mut pod, ABORT_ANNOTATION, "App");
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 17_000);
+    assert_eq!(d.steps, vec![Step::DeletePod]);
+    assert_eq!(d.status.abort.unwrap().pod_deleted_at, Some(t(16_000)), "the first attempt's time is kept");
+}
+
+#[test]
+fn a_recorded_force_delete_is_repeated_while_the_pod_remains() {
+    let mut job = started_job();
+    aborting(&mut job, 6000);
+    let mut pod = mk_pod("Running", running());
+    annotate(&mut pod, ABORT_ANNOTATION, "App");
+    pod.metadata.deletion_timestamp = Some(t(19_000));
+    pod.spec.as_mut().unwrap().termination_grace_period_seconds = Some(3);
+    job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(16_000));
+    let forced = decide_with(&job, &site(), PodView::Present(&pod), 22_000);
+    assert_eq!(forced.steps, vec![Step::ForceDeletePod]);
+    job.status = Some(forced.status);
+    let again = decide_with(&job, &site(), PodView::Present(&pod), 23_000);
+    assert_eq!(again.steps, vec![Step::ForceDeletePod]);
+}

@@ -362,3 +362,28 @@ async fn every_example_applies() {
     }
     ns.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_the_api_server_refuses_fails_the_job_with_config_error() {
+    fl::install_crds();
+    let client = common::client().await;
+    let ns = common::namespace_with_labels(&client, "refused", &[("pod-security.kubernetes.io/enforce", "restricted")]).await;
+    create_site(&client, ns.name(), &site(Capacity { jobs: Some(1), ..Default::default() })).await;
+    let op = Operator::start(ns.name());
+    let jobs: Api<FLJob> = ns.api();
+    let mut j = job("row", &[]);
+    let volume: k8s_openapi::api::core::v1::Volume =
+        serde_json::from_value(serde_json::json!({"name": "host", "hostPath": {"path": "/var/run"}})).unwrap();
+    j.spec.pod_template.as_mut().unwrap().spec.as_mut().unwrap().volumes = vec![volume];
+    jobs.create(&PostParams::default(), &j).await.unwrap();
+    let done = wait_job(&jobs, "row", 60, finished).await;
+    let s = st(&done);
+    assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (Phase::Failed, Some("ConfigError"), Some(103)), "{s:#?}");
+    assert!(s.message.as_deref().unwrap_or_default().contains("hostPath"), "{s:#?}");
+    // The quota it held goes back: the next job runs.
+    jobs.create(&PostParams::default(), &job("next", &[])).await.unwrap();
+    let next = wait_job(&jobs, "next", 60, finished).await;
+    assert_eq!(st(&next).phase, Phase::Succeeded);
+    let env = Env { client, ns, op, jobs };
+    env.done().await;
+}

@@ -193,10 +193,10 @@ async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str
     let jobs: Api<FLJob> = Api::namespaced(ctx.client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let old = job.status.clone().unwrap_or_default();
-    let status_first = d.steps.contains(&Step::CreatePod);
-    if status_first {
-        write_status(ctx, &jobs, job, &old, &d.status).await?;
-    }
+    // Record the decision first, then act: every step is idempotent and is derived again from the recorded status
+    // if it fails, while acting first could destroy the evidence a failed status write needed (a pod deleted
+    // because its job failed would later look like a pod lost to someone else).
+    write_status(ctx, &jobs, job, &old, &d.status).await?;
     for step in std::mem::take(&mut d.steps) {
         match step {
             Step::CreatePod => {
@@ -238,9 +238,6 @@ async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str
             }
             Step::RemoveFinalizer => remove_finalizer(&jobs, job).await?,
         }
-    }
-    if !status_first {
-        write_status(ctx, &jobs, job, &old, &d.status).await?;
     }
     Ok(d.requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
 }
