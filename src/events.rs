@@ -31,11 +31,10 @@ fn cond_changed(old: &FLJobStatus, new: &FLJobStatus, type_: &str) -> Option<(bo
 /// The Events that the change from `old` to `new` deserves.
 pub fn transitions(old: &FLJobStatus, new: &FLJobStatus) -> Vec<Note> {
     let mut out = Vec::new();
-    if let Some((ok, reason, msg)) = cond_changed(old, new, cond::RESOLVED) {
-        if !ok {
+    if let Some((ok, reason, msg)) = cond_changed(old, new, cond::RESOLVED)
+        && !ok {
             out.push(note(true, &reason, msg));
         }
-    }
     if let Some((ok, reason, msg)) = cond_changed(old, new, cond::ADMITTED) {
         match (ok, reason.as_str()) {
             (true, _) => out.push(note(false, "Admitted", msg)),
@@ -50,11 +49,10 @@ pub fn transitions(old: &FLJobStatus, new: &FLJobStatus) -> Vec<Note> {
     if let Some((true, reason, msg)) = cond_changed(old, new, cond::ABORT_REQUESTED) {
         out.push(note(false, "AbortRequested", format!("{msg} ({reason})")));
     }
-    if old.abort.as_ref().and_then(|a| a.pod_deleted_at.as_ref()).is_none() {
-        if new.abort.as_ref().is_some_and(|a| a.pod_deleted_at.is_some() && a.completed_at.is_none()) {
+    if old.abort.as_ref().and_then(|a| a.pod_deleted_at.as_ref()).is_none()
+        && new.abort.as_ref().is_some_and(|a| a.pod_deleted_at.is_some() && a.completed_at.is_none()) {
             out.push(note(true, "AbortDeletingPod", "the worker did not stop within the abort grace period; deleting its pod"));
         }
-    }
     if new.phase.is_finished() && !old.phase.is_finished() {
         let msg = new.message.clone().unwrap_or_default();
         match new.phase {
@@ -65,10 +63,9 @@ pub fn transitions(old: &FLJobStatus, new: &FLJobStatus) -> Vec<Note> {
             }
         }
     }
-    if new.last_task_abort != old.last_task_abort {
-        if let Some(t) = &new.last_task_abort {
+    if new.last_task_abort != old.last_task_abort
+        && let Some(t) = &new.last_task_abort {
             out.push(note(false, "TaskAbortRelayed", format!("task abort {:?} relayed to the running worker", t.value)));
         }
-    }
     out
 }

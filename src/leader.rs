@@ -125,14 +125,13 @@ impl Elector {
 
     /// Hands the lease back so a standby replica takes over without waiting for it to expire.
     pub async fn release(&self) {
-        if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await {
-            if let Some(spec) = lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(self.identity.as_str())) {
+        if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await
+            && let Some(spec) = lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(self.identity.as_str())) {
                 spec.holder_identity = None;
                 spec.renew_time = None;
                 if let Err(e) = self.api.replace(&self.name, &PostParams::default(), &lease).await {
                     warn!(error = %e, "could not release the lease");
                 }
             }
-        }
     }
 }

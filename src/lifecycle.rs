@@ -206,8 +206,8 @@ pub fn decide(input: Input<'_>) -> Decision {
     }
 
     // An abort, once recorded, runs to its end whatever else happens.
-    if cx.st.abort.is_none() {
-        if let Some(cause) = abort_cause(&cx, &input) {
+    if cx.st.abort.is_none()
+        && let Some(cause) = abort_cause(&cx, &input) {
             cx.st.abort = Some(AbortStatus { requested_at: cx.now.clone(), cause: Some(cause.to_string()), pod_deleted_at: None, method: None, completed_at: None });
             let msg = match cause {
                 abort::cause::DELETED => "the FLJob is being deleted; relaying the abort to the worker".to_string(),
@@ -219,7 +219,6 @@ pub fn decide(input: Input<'_>) -> Decision {
             };
             cx.cond(cond::ABORT_REQUESTED, true, cause, msg);
         }
-    }
     if cx.st.abort.is_some() {
         run_abort(&mut cx, &input);
         return cx.done();
@@ -352,11 +351,10 @@ fn abort_cause(cx: &Ctx<'_>, input: &Input<'_>) -> Option<&'static str> {
         abort::cause::DEADLINE
     };
     // An abort that races a completion loses: a worker that already exited ended the job by itself.
-    if let PodView::Present(p) = input.pod {
-        if matches!(pod_state(p), PodState::Exited { .. } | PodState::Evicted { .. } | PodState::Lost { .. }) {
+    if let PodView::Present(p) = input.pod
+        && matches!(pod_state(p), PodState::Exited { .. } | PodState::Evicted { .. } | PodState::Lost { .. }) {
             return None;
         }
-    }
     Some(cause)
 }
 

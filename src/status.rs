@@ -89,8 +89,8 @@ pub fn pod_state(pod: &Pod) -> PodState {
     if status.reason.as_deref() == Some("Evicted") {
         return PodState::Evicted { message: status.message.unwrap_or_else(|| "the pod was evicted".into()) };
     }
-    if let Some(t) = terminated_of(pod) {
-        if phase == "Succeeded" || phase == "Failed" || t.finished_at.is_some() {
+    if let Some(t) = terminated_of(pod)
+        && (phase == "Succeeded" || phase == "Failed" || t.finished_at.is_some()) {
             let oom = t.reason.as_deref() == Some("OOMKilled");
             // A container that never started has no startedAt; one that ran has both times.
             let ran = t.started_at.is_some() && t.reason.as_deref() != Some("StartError")
@@ -103,7 +103,6 @@ pub fn pod_state(pod: &Pod) -> PodState {
                 finished_at: t.finished_at.clone(),
             };
         }
-    }
     match phase {
         "Succeeded" => {
             return PodState::Exited { code: 0, oom_killed: false, ran: true, message: None, finished_at: None };

@@ -260,7 +260,7 @@ async fn operator_restart_mid_run_continues_with_one_pod() {
     let all = pods.list(&ListParams::default()).await.unwrap().items;
     assert_eq!(all.len(), 1, "exactly one pod");
     assert_eq!(all[0].uid(), uid, "the same pod");
-    assert_eq!(st(&j).start_time.is_some(), true);
+    assert!(st(&j).start_time.is_some());
     env.done().await;
 }
 

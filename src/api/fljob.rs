@@ -1,4 +1,5 @@
 //! `FLJob`: one NVFlare job run at a site, reconciled into one worker Pod.
+#![allow(clippy::duplicated_attributes)] // repeated key = value pairs inside kube's printcolumn(...) lists
 
 use super::Resources;
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration, Volume, VolumeMount};

@@ -1,4 +1,5 @@
 //! `FLSite`: one NVFlare client site, its connection settings, the defaults of its jobs and its quota pool.
+#![allow(clippy::duplicated_attributes)] // repeated key = value pairs inside kube's printcolumn(...) lists
 
 use super::{Quantity, Resources};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

@@ -5,7 +5,7 @@ use super::{Context, FINALIZER, Trigger, affected_by_site, allocation_resources}
 use crate::api::{FLJob, FLJobStatus, FLSite, MANAGER, millis, now};
 use crate::events::{Note, transitions};
 use crate::lifecycle::{self, Decision, Input, PodView, SecretsView, SiteView, Step, decide};
-use crate::metrics::{AbortLabels, ControllerLabels, ErrorLabels};
+use crate::metrics::AbortLabels;
 use crate::pod::{self, CREDENTIAL_ENV};
 use crate::{Error, Result, kube_err};
 use futures::StreamExt;
@@ -16,7 +16,6 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tracing::{info, instrument, warn};
 
 /// Builds the FLJob controller on the shared caches.
@@ -51,13 +50,7 @@ pub fn controller(
 /// Reconciles one FLJob.
 #[instrument(skip(job, ctx), fields(fljob = %job.name_any(), namespace = job.namespace().unwrap_or_default(), site = %job.spec.site))]
 pub async fn reconcile(job: Arc<FLJob>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.ready().await;
-    let started = Instant::now();
-    let labels = ControllerLabels { controller: "fljob".into() };
-    ctx.metrics.reconciles.get_or_create(&labels).inc();
-    let result = reconcile_inner(&job, &ctx).await;
-    ctx.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    result
+    ctx.measured("fljob", reconcile_inner(&job, &ctx)).await
 }
 
 async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
@@ -302,12 +295,11 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
     for note in transitions(old, new) {
         publish(ctx, job, &note).await;
     }
-    if let (Some(a), None) = (new.abort.as_ref(), old.abort.as_ref().and_then(|a| a.completed_at.as_ref())) {
-        if let (Some(done), Some(method)) = (&a.completed_at, a.method) {
+    if let (Some(a), None) = (new.abort.as_ref(), old.abort.as_ref().and_then(|a| a.completed_at.as_ref()))
+        && let (Some(done), Some(method)) = (&a.completed_at, a.method) {
             let secs = (millis(done) - millis(&a.requested_at)).max(0) as f64 / 1000.0;
             ctx.metrics.abort_duration.get_or_create(&AbortLabels { method: format!("{method:?}") }).observe(secs);
         }
-    }
     Ok(())
 }
 
@@ -326,18 +318,5 @@ async fn publish(ctx: &Context, job: &FLJob, note: &Note) {
 
 /// Retries: a conflict at once (fresh data is already on its way), anything else with a growing delay.
 pub fn error_policy(job: Arc<FLJob>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .errors
-        .get_or_create(&ErrorLabels { controller: "fljob".into(), error: error.metric_label() })
-        .inc();
-    match error {
-        Error::Conflict(what) => {
-            tracing::debug!(conflict = %what, "stale data; retrying");
-            Action::requeue(Duration::from_millis(200))
-        }
-        e => {
-            warn!(fljob = %job.name_any(), error = %e, "reconcile failed");
-            Action::requeue(Duration::from_secs(5))
-        }
-    }
+    ctx.retry("fljob", &job.name_any(), error)
 }

@@ -4,7 +4,7 @@
 
 use super::{Context, Trigger};
 use crate::api::{FLJob, FLSite, FLSiteStatus, condition, set_condition};
-use crate::metrics::{ControllerLabels, ErrorLabels, QueueLabels, SiteLabels};
+use crate::metrics::{QueueLabels, SiteLabels};
 use crate::quota;
 use crate::{Error, Result, kube_err};
 use futures::StreamExt;
@@ -13,8 +13,8 @@ use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tracing::{info, instrument, warn};
+use std::time::Duration;
+use tracing::{info, instrument};
 
 /// Builds the FLSite controller on the shared caches.
 pub fn controller(ctx: Arc<Context>, sites: Trigger<FLSite>, jobs: Trigger<FLJob>) -> impl std::future::Future<Output = ()> {
@@ -34,13 +34,7 @@ pub fn controller(ctx: Arc<Context>, sites: Trigger<FLSite>, jobs: Trigger<FLJob
 /// Reconciles one site's ledger.
 #[instrument(skip(site, ctx), fields(site = %site.name_any(), namespace = site.namespace().unwrap_or_default()))]
 pub async fn reconcile(site: Arc<FLSite>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.ready().await;
-    let started = Instant::now();
-    let labels = ControllerLabels { controller: "flsite".into() };
-    ctx.metrics.reconciles.get_or_create(&labels).inc();
-    let result = reconcile_inner(&site, &ctx).await;
-    ctx.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    result
+    ctx.measured("flsite", reconcile_inner(&site, &ctx)).await
 }
 
 async fn reconcile_inner(site: &FLSite, ctx: &Context) -> Result<Action> {
@@ -104,18 +98,5 @@ fn export(ctx: &Context, ns: &str, name: &str, site: &FLSite, st: &FLSiteStatus)
 
 /// Retries: a conflict at once, anything else after a pause.
 pub fn error_policy(site: Arc<FLSite>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .errors
-        .get_or_create(&ErrorLabels { controller: "flsite".into(), error: error.metric_label() })
-        .inc();
-    match error {
-        Error::Conflict(what) => {
-            tracing::debug!(conflict = %what, "stale data; retrying");
-            Action::requeue(Duration::from_millis(100))
-        }
-        e => {
-            warn!(site = %site.name_any(), error = %e, "reconcile failed");
-            Action::requeue(Duration::from_secs(5))
-        }
-    }
+    ctx.retry("flsite", &site.name_any(), error)
 }

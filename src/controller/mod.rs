@@ -48,6 +48,38 @@ impl Context {
         let _ = rx.wait_for(|n| *n >= 3).await;
     }
 
+    /// Runs one reconcile once the caches are synced, counting it and timing it.
+    pub async fn measured<F>(&self, controller: &str, reconcile: F) -> crate::Result<kube::runtime::controller::Action>
+    where
+        F: std::future::Future<Output = crate::Result<kube::runtime::controller::Action>>,
+    {
+        self.ready().await;
+        let started = std::time::Instant::now();
+        let labels = crate::metrics::ControllerLabels { controller: controller.into() };
+        self.metrics.reconciles.get_or_create(&labels).inc();
+        let result = reconcile.await;
+        self.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// What to do after a failed reconcile: a conflict is retried at once (fresh data is already on its way),
+    /// anything else after a pause.
+    pub fn retry(&self, controller: &str, name: &str, error: &crate::Error) -> kube::runtime::controller::Action {
+        use kube::runtime::controller::Action;
+        let labels = crate::metrics::ErrorLabels { controller: controller.into(), error: error.metric_label() };
+        self.metrics.errors.get_or_create(&labels).inc();
+        match error {
+            crate::Error::Conflict(what) => {
+                tracing::debug!(conflict = %what, "stale data; retrying");
+                Action::requeue(Duration::from_millis(200))
+            }
+            e => {
+                tracing::warn!(controller, object = name, error = %e, "reconcile failed");
+                Action::requeue(Duration::from_secs(5))
+            }
+        }
+    }
+
     /// The cached site of a job.
     pub fn site_of(&self, job: &FLJob) -> Option<Arc<FLSite>> {
         let ns = job.namespace().unwrap_or_default();
