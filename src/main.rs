@@ -165,7 +165,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     http.ready.store(true, Ordering::Relaxed);
     tokio::select! {
         _ = elector.acquire() => {}
-        _ = tokio::signal::ctrl_c() => return Ok(()),
+        _ = fljob_operator::shutdown_signal() => return Ok(()),
     }
     metrics.leader.set(1);
     tokio::select! {

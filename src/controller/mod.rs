@@ -250,6 +250,11 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         _ = drive("flsites", site_watch, site_out, synced_tx.clone()) => {},
         _ = drive("pods", pod_watch, pod_out, synced_tx) => {},
         _ = gauges => {},
+        _ = async {
+            crate::shutdown_signal().await;
+            // The controllers stop by themselves once in-flight reconciles end; do not wait on a stuck one.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => tracing::warn!("controllers did not stop within 5 s of the signal; exiting"),
     }
 }
 
