@@ -231,6 +231,9 @@ pub fn decide(input: Input<'_>) -> Decision {
             task_abort(&mut cx, p);
             return cx.done();
         }
+        // A pod that never ran and is gone (its creation failed, or someone deleted it while it was pending):
+        // create it again below. One that ran and vanished is lost.
+        PodView::Gone if !is_true(&cx.st.conditions, cond::STARTED) => {}
         PodView::Gone => {
             let name = cx.st.pod_name.clone().unwrap_or_default();
             cx.finish(Outcome {
@@ -265,6 +268,9 @@ pub fn decide(input: Input<'_>) -> Decision {
             cx.st.allocation = Some(res.clone());
             cx.cond(cond::ADMITTED, true, "Admitted", format!("holds {} from site {}", describe(&res), site.name_any()));
         }
+        // The pod's name is deterministic: recording it with the admission lets the next reconcile ask the API
+        // server for it instead of creating it again while the cache lags.
+        cx.st.pod_name = Some(pod::pod_name(job));
         cx.phase(Phase::Starting);
         cx.steps.push(Step::CreatePod);
         return cx.done();
@@ -549,20 +555,33 @@ fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
     cx.st.last_task_abort = Some(TaskAbortStatus { value, relayed_at: cx.now.clone() });
 }
 
-/// Admission order message for a queued job: what is short, or how many jobs are ahead.
+/// Why a queued job waits: which resources are short (with what it needs and the site's capacity, not the
+/// ever-changing usage) and whether earlier jobs are ahead. Stable while the situation is, so a long queue does not
+/// rewrite every queued job's status at each admission.
 pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> String {
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
-    let used = quota::total(allocations);
-    let short = quota::demand(want).map(|w| quota::shortfall(&site.spec.capacity, used, w)).unwrap_or_default();
+    let cap = &site.spec.capacity;
+    let short: Vec<String> = quota::demand(want)
+        .map(|w| quota::shortfall(cap, quota::total(allocations), w))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|phrase| phrase.split(':').next())
+        .map(|name| {
+            let q = |v: &Option<crate::api::Quantity>| v.as_ref().map_or("0".to_string(), |q| q.0.clone());
+            let limit = |v: Option<String>| v.unwrap_or_else(|| "unlimited".into());
+            match name {
+                "jobs" => format!("jobs (capacity {})", limit(cap.jobs.map(|n| n.to_string()))),
+                "gpus" => format!("gpus (needs {}, capacity {})", want.gpus.unwrap_or(0), limit(cap.gpus.map(|n| n.to_string()))),
+                "cpu" => format!("cpu (needs {}, capacity {})", q(&want.cpu), limit(cap.cpu.as_ref().map(|c| c.0.clone()))),
+                other => format!("{other} (needs {}, capacity {})", q(&want.memory), limit(cap.memory.as_ref().map(|c| c.0.clone()))),
+            }
+        })
+        .collect();
     let mut msg = format!("waiting for quota at site {}", site.name_any());
     if !short.is_empty() {
-        msg.push_str(&format!(": {}", short.join("; ")));
+        msg.push_str(&format!(": short of {}", short.join(", ")));
     }
-    if ahead > 0 {
-        msg.push_str(&format!(" ({ahead} earlier job(s) ahead in the queue)"));
-    } else if short.is_empty() {
-        msg.push_str(" (next in line)");
-    }
+    msg.push_str(if ahead > 0 { "; earlier jobs are ahead in the queue" } else { "; next in line" });
     msg
 }
 

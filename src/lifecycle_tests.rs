@@ -163,6 +163,7 @@ fn admission_records_allocation_then_creates_pod() {
     assert_eq!(d.steps, vec![Step::CreatePod]);
     assert_eq!(d.status.phase, Phase::Starting);
     assert!(d.status.allocation.is_some());
+    assert_eq!(d.status.pod_name, Some(crate::pod::pod_name(&job)), "the pod's name is recorded with the admission");
     assert!(is_true(&d.status.conditions, cond::ADMITTED));
 }
 
@@ -451,4 +452,26 @@ fn a_recorded_force_delete_is_repeated_while_the_pod_remains() {
     job.status = Some(forced.status);
     let again = decide_with(&job, &site(), PodView::Present(&pod), 23_000);
     assert_eq!(again.steps, vec![Step::ForceDeletePod]);
+}
+
+#[test]
+fn queue_note_names_what_is_short_and_stays_stable_as_usage_moves() {
+    let mut s = mk_site("site-a", Capacity { jobs: Some(2), gpus: Some(4), ..Default::default() });
+    let alloc = |job: &str, gpus| crate::api::Allocation { job: job.into(), uid: job.into(), gpus, ..Default::default() };
+    s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("a", 3)], ..Default::default() });
+    let want = Resources { gpus: Some(2), ..Default::default() };
+    let one_used = queue_note(&s, 0, &want);
+    assert_eq!(one_used, "waiting for quota at site site-a: short of gpus (needs 2, capacity 4); next in line");
+    s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("b", 4)], ..Default::default() });
+    assert_eq!(queue_note(&s, 0, &want), one_used, "the same words while the same thing is short");
+    s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("a", 1), alloc("b", 1)], ..Default::default() });
+    assert_eq!(queue_note(&s, 3, &want), "waiting for quota at site site-a: short of jobs (capacity 2); earlier jobs are ahead in the queue");
+}
+
+#[test]
+fn a_pod_that_never_ran_and_is_gone_is_created_again() {
+    let job = admitted_job();
+    let d = decide_with(&job, &site(), PodView::Gone, 6000);
+    assert_eq!(d.steps, vec![Step::CreatePod]);
+    assert_eq!(d.status.phase, Phase::Starting);
 }
