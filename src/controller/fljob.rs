@@ -80,11 +80,11 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
     let pod_name = pod::pod_name(job);
     let cached = ctx.pods.get(&ObjectRef::new(&pod_name).within(&ns));
     let recorded = job.status.as_ref().and_then(|s| s.pod_name.clone());
+    let finished = job.status.as_ref().is_some_and(|s| s.phase.is_finished());
     let fetched: Option<Pod> = match (&cached, &recorded) {
-        (None, Some(name)) => {
-            // The cache may lag a pod we just created; only the API server can say it is gone.
-            pods.get_opt(name).await.map_err(kube_err("get pod"))?
-        }
+        // The cache may lag a pod we just created; only the API server can say it is gone. A finished job needs
+        // no answer: its pod is never looked at again unless it is still there.
+        (None, Some(name)) if !finished => pods.get_opt(name).await.map_err(kube_err("get pod"))?,
         _ => None,
     };
     let pod_view = match (&cached, &fetched, &recorded) {
