@@ -36,7 +36,7 @@ pub fn controller(
             mapper_store
                 .state()
                 .into_iter()
-                .filter(|j| j.spec.site == name && j.namespace() == ns && affected_by_site(j))
+                .filter(|j| j.spec.site == name && j.namespace() == ns && affected_by_site(j, &site))
                 .map(|j| ObjectRef::from_obj(&*j))
                 .collect::<Vec<_>>()
         })

@@ -117,11 +117,19 @@ pub fn job_view(job: &FLJob, site: &FLSite) -> JobView {
     }
 }
 
-/// Whether a job may hold or want quota: the jobs a site change must wake.
-pub fn affected_by_site(job: &FLJob) -> bool {
-    let st = job.status.as_ref();
-    let phase = st.map(|s| s.phase).unwrap_or(Phase::Pending);
-    !phase.is_finished() || st.is_some_and(|s| s.allocation.is_some()) || job.metadata.deletion_timestamp.is_some()
+/// Whether a change of `site` concerns `job`: the jobs the site just admitted or released (the ledger and the job's
+/// status disagree), jobs still waiting for the site to be usable, jobs being deleted, and — only when the site's
+/// spec changed — every queued job. Waking every queued job at each admission would cost O(queue) reconciles per
+/// admission.
+pub fn affected_by_site(job: &FLJob, site: &FLSite) -> bool {
+    let Some(st) = job.status.as_ref() else { return true };
+    let uid = job.uid().unwrap_or_default();
+    let holding = site.status.as_ref().is_some_and(|s| s.allocations.iter().any(|a| a.uid == uid));
+    let spec_changed = site.status.as_ref().and_then(|s| s.observed_generation) != site.metadata.generation;
+    holding != st.allocation.is_some()
+        || job.metadata.deletion_timestamp.is_some()
+        || (!st.phase.is_finished() && !is_true(&st.conditions, cond::RESOLVED))
+        || (st.phase == Phase::Queued && spec_changed)
 }
 
 /// An allocation as job resources.
@@ -268,5 +276,39 @@ async fn refresh_gauges(ctx: Arc<Context>) {
             let labels = crate::metrics::PhaseLabels { namespace: j.namespace().unwrap_or_default(), phase: format!("{phase:?}") };
             ctx.metrics.jobs.get_or_create(&labels).inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Allocation, Capacity, FLJobStatus, FLSiteStatus, condition};
+    use crate::testing::{mk_job, mk_site, t};
+
+    fn queued(name: &str) -> FLJob {
+        let mut j = mk_job(name, "site-a");
+        j.status = Some(FLJobStatus {
+            phase: Phase::Queued,
+            conditions: vec![condition(cond::RESOLVED, true, "Resolved", "", Some(1), &t(0))],
+            ..Default::default()
+        });
+        j
+    }
+
+    #[test]
+    fn a_site_change_wakes_only_the_jobs_it_concerns() {
+        let mut site = mk_site("site-a", Capacity { jobs: Some(1), ..Default::default() });
+        site.metadata.generation = Some(1);
+        let admitted = Allocation { job: "a".into(), uid: "uid-a".into(), ..Default::default() };
+        site.status = Some(FLSiteStatus { allocations: vec![admitted], observed_generation: Some(1), ..Default::default() });
+        assert!(affected_by_site(&queued("a"), &site), "just admitted");
+        assert!(!affected_by_site(&queued("b"), &site), "still queued, nothing new for it");
+        assert!(affected_by_site(&mk_job("new", "site-a"), &site), "no status yet");
+        let mut released = queued("c");
+        released.status.as_mut().unwrap().phase = Phase::Succeeded;
+        released.status.as_mut().unwrap().allocation = Some(Resources::default());
+        assert!(affected_by_site(&released, &site), "just released");
+        site.metadata.generation = Some(2); // the capacity changed: every queued job may be concerned
+        assert!(affected_by_site(&queued("b"), &site));
     }
 }
