@@ -45,6 +45,7 @@ say "Applying examples/site.yaml and examples/jobs.yaml (capacity: 2 jobs at a t
 
 say "Watching the jobs (long-training runs until it is aborted; the demo aborts it after ~10 s)"
 aborted=0
+finished=0
 for i in $(seq 90); do
   printf '\033[2m--- %ss ---\033[0m\n' "$((i * 2))"
   "${K[@]}" -n "$NS" get flj
@@ -54,10 +55,14 @@ for i in $(seq 90); do
     "${K[@]}" -n "$NS" patch flj long-training --type merge -p '{"spec":{"abort":true}}' >/dev/null
     aborted=1
   fi
-  if [[ "$(grep -cE '^(Succeeded|Failed|Aborted)$' <<<"$phases")" == 3 ]]; then break; fi
+  if [[ "$(grep -cE '^(Succeeded|Failed|Aborted)$' <<<"$phases")" == 3 ]]; then finished=1; break; fi
   sleep 2
 done
 "${K[@]}" -n "$NS" get fls
+if ((!finished)); then
+  echo "The jobs did not all finish within 3 minutes; the operator's log is $D/logs/demo-operator.log" >&2
+  exit 1
+fi
 
 cat <<MSG
 
