@@ -41,8 +41,18 @@ pub enum SiteView<'a> {
         /// The job's entry in the site's ledger, if it holds quota.
         allocation: Option<Resources>,
         /// Why it waits, when it does not hold quota.
-        queue_note: String,
+        queue_note: QueueNote,
     },
+}
+
+/// Why a job that does not hold quota waits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueNote {
+    /// Something is short or earlier jobs are ahead: the job is really queued (and the user is told with an Event).
+    /// False when it is next in line and fits: the site admits it in its next round.
+    pub behind: bool,
+    /// The condition message.
+    pub message: String,
 }
 
 /// Whether the Secrets the pod needs exist (checked only before admission).
@@ -321,9 +331,10 @@ pub fn decide(input: Input<'_>) -> Decision {
                 cx.phase(Phase::Queued);
                 let note = match &input.site {
                     SiteView::Found { queue_note, .. } => queue_note.clone(),
-                    SiteView::Missing => String::new(),
+                    SiteView::Missing => QueueNote::default(),
                 };
-                cx.cond(cond::ADMITTED, false, "Queued", note);
+                let reason = if note.behind { "Queued" } else { "AwaitingAdmission" };
+                cx.cond(cond::ADMITTED, false, reason, note.message);
             }
         }
     }
@@ -558,7 +569,7 @@ fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
 /// Why a queued job waits: which resources are short (with what it needs and the site's capacity, not the
 /// ever-changing usage) and whether earlier jobs are ahead. Stable while the situation is, so a long queue does not
 /// rewrite every queued job's status at each admission.
-pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> String {
+pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> QueueNote {
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
     let cap = &site.spec.capacity;
     let short: Vec<String> = quota::demand(want)
@@ -582,7 +593,7 @@ pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> String {
         msg.push_str(&format!(": short of {}", short.join(", ")));
     }
     msg.push_str(if ahead > 0 { "; earlier jobs are ahead in the queue" } else { "; next in line" });
-    msg
+    QueueNote { behind: ahead > 0 || !short.is_empty(), message: msg }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ fn admitted_job() -> FLJob {
 }
 
 fn holding(site: &FLSite) -> SiteView<'_> {
-    SiteView::Found { site, allocation: Some(Resources { gpus: Some(0), ..Default::default() }), queue_note: String::new() }
+    SiteView::Found { site, allocation: Some(Resources { gpus: Some(0), ..Default::default() }), queue_note: QueueNote::default() }
 }
 
 fn decide_with(job: &FLJob, site: &FLSite, pod: PodView<'_>, now: i64) -> Decision {
@@ -171,13 +171,13 @@ fn admission_records_allocation_then_creates_pod() {
 fn queued_job_says_why() {
     let job = mk_job("train", "site-a");
     let s = site();
-    let view = SiteView::Found { site: &s, allocation: None, queue_note: "waiting for quota at site site-a: jobs: 4 of 4 in use".into() };
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote { behind: true, message: "waiting for quota at site site-a: short of jobs (capacity 4); next in line".into() } };
     let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });
     assert_eq!(d.status.phase, Phase::Queued);
     assert_eq!(d.status.client_status.as_deref(), Some("not started"));
     let c = find_condition(&d.status.conditions, cond::ADMITTED).unwrap();
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Queued"));
-    assert!(c.message.contains("jobs: 4 of 4 in use"));
+    assert!(c.message.contains("short of jobs (capacity 4)"));
     assert!(is_true(&d.status.conditions, cond::RESOLVED));
 }
 
@@ -196,7 +196,7 @@ fn missing_site_waits_with_a_condition_naming_it() {
 fn missing_secret_waits_with_backoff() {
     let job = mk_job("train", "site-a");
     let s = site();
-    let view = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote::default() };
     let missing = SecretsView::Missing("Secret \"site-a-creds\" (spec.credentialsSecret of FLSite site-a) not found in namespace ns".into());
     let d = decide(Input { job: &job, site: view.clone(), secrets: missing.clone(), pod: PodView::NotFound, now: t(0) });
     let c = find_condition(&d.status.conditions, cond::RESOLVED).unwrap();
@@ -215,7 +215,7 @@ fn job_larger_than_the_site_fails_at_once() {
     let mut job = mk_job("huge", "site-a");
     job.spec.resources = Some(Resources { gpus: Some(9), cpu: None, memory: None });
     let s = site();
-    let view = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote::default() };
     let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });
     assert_eq!((d.status.phase, d.status.reason.as_deref()), (Phase::Failed, Some("ExceedsCapacity")));
     assert!(d.status.message.unwrap().contains("gpus: needs 9, 8 of 8 free"));
@@ -306,7 +306,7 @@ fn abort_of_a_queued_job_ends_it_at_once() {
     let mut job = mk_job("train", "site-a");
     job.spec.abort = true;
     let s = site();
-    let view = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote::default() };
     let d = decide(Input { job: &job, site: view, secrets: SecretsView::NotChecked, pod: PodView::NotFound, now: t(0) });
     assert_eq!((d.status.phase, d.status.exit_code), (Phase::Aborted, Some(9)));
     assert_eq!(d.status.abort.unwrap().method, Some(AbortMethod::Graceful));
@@ -373,7 +373,7 @@ fn deletion_runs_the_abort_then_waits_for_release_then_lets_go() {
     assert!(!d.steps.contains(&Step::RemoveFinalizer));
     // Released: the finalizer goes.
     let s = site();
-    let released = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let released = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote::default() };
     let d = decide(Input { job: &job, site: released, secrets: SecretsView::NotChecked, pod: PodView::NotFound, now: t(8000) });
     assert_eq!(d.steps, vec![Step::RemoveFinalizer]);
     assert!(d.status.allocation.is_none());
@@ -410,7 +410,7 @@ fn quantities_in_a_site_default_resources_are_used() {
     let mut s = site();
     s.spec.capacity.cpu = Some(Quantity("500m".into()));
     let job = mk_job("train", "site-a");
-    let view = SiteView::Found { site: &s, allocation: None, queue_note: String::new() };
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote::default() };
     let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });
     assert_eq!(d.status.reason.as_deref(), Some("ExceedsCapacity"), "default cpu 1 > capacity 500m");
 }
@@ -461,11 +461,15 @@ fn queue_note_names_what_is_short_and_stays_stable_as_usage_moves() {
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("a", 3)], ..Default::default() });
     let want = Resources { gpus: Some(2), ..Default::default() };
     let one_used = queue_note(&s, 0, &want);
-    assert_eq!(one_used, "waiting for quota at site site-a: short of gpus (needs 2, capacity 4); next in line");
+    assert_eq!(one_used.message, "waiting for quota at site site-a: short of gpus (needs 2, capacity 4); next in line");
+    assert!(one_used.behind);
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("b", 4)], ..Default::default() });
     assert_eq!(queue_note(&s, 0, &want), one_used, "the same words while the same thing is short");
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("a", 1), alloc("b", 1)], ..Default::default() });
-    assert_eq!(queue_note(&s, 3, &want), "waiting for quota at site site-a: short of jobs (capacity 2); earlier jobs are ahead in the queue");
+    assert_eq!(queue_note(&s, 3, &want).message, "waiting for quota at site site-a: short of jobs (capacity 2); earlier jobs are ahead in the queue");
+    s.status = Some(crate::api::FLSiteStatus::default());
+    let fits = queue_note(&s, 0, &want);
+    assert_eq!((fits.behind, fits.message.as_str()), (false, "waiting for quota at site site-a; next in line"));
 }
 
 #[test]

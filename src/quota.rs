@@ -166,6 +166,9 @@ pub struct JobView {
     pub created: Option<Time>,
     /// The job wants quota (it is not finished, not aborted, not being deleted and its references resolve).
     pub wants_quota: bool,
+    /// The job's references have not been checked yet (it was just created): it may want quota in a moment, so
+    /// jobs created after it wait for it rather than overtake it.
+    pub undecided: bool,
     /// The job has finished (or its abort completed): anything it holds goes back to the pool.
     pub done: bool,
     /// Its resources.
@@ -219,9 +222,14 @@ pub fn plan(capacity: &Capacity, allocations: &[Allocation], jobs: &[JobView], n
     }
     let waiting = queue(capacity, &out.allocations, jobs);
     let mut used = total(&out.allocations);
+    // The first job created that is not decided yet: nothing created after it is admitted before it is.
+    let barrier = jobs.iter().filter(|j| j.undecided).min_by(|a, b| queue_order(a, b));
     let mut blocked = false;
     for job in &waiting {
         let Ok(want) = demand(&job.resources) else { continue };
+        if barrier.is_some_and(|b| queue_order(b, job).is_lt()) {
+            blocked = true;
+        }
         if !blocked && shortfall(capacity, used, want).is_empty() {
             used = used + want;
             out.admitted.push(job.name.clone());
@@ -256,6 +264,7 @@ mod tests {
             uid: format!("uid-{name}"),
             created: Some(t(created)),
             wants_quota: true,
+            undecided: false,
             done: false,
             resources: Resources { gpus: Some(gpus), cpu: Some(q("1")), memory: Some(q("1Gi")) },
         }
@@ -307,6 +316,19 @@ mod tests {
         let p3 = plan(&cap, &p2.allocations, &jobs, &t(30));
         assert!(p3.released.is_empty() && p3.admitted.is_empty());
         assert_eq!(p3.allocations, p2.allocations);
+    }
+
+    #[test]
+    fn a_job_not_yet_checked_is_not_overtaken_by_later_ones() {
+        let cap = Capacity { jobs: Some(4), ..Default::default() };
+        let mut first = view("first", 1, 0);
+        first.wants_quota = false;
+        first.undecided = true;
+        let p = plan(&cap, &[], &[view("early", 0, 0), first.clone(), view("later", 2, 0)], &t(10));
+        assert_eq!(p.admitted, vec!["early"], "later waits for first to be checked");
+        first.undecided = false; // checked: its Secret is missing, say; it no longer holds anyone up
+        let p = plan(&cap, &[], &[view("early", 0, 0), first, view("later", 2, 0)], &t(10));
+        assert_eq!(p.admitted, vec!["early", "later"]);
     }
 
     #[test]

@@ -72,7 +72,7 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
             let uid = job.uid().unwrap_or_default();
             let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
             let allocation = allocations.iter().find(|a| a.uid == uid).map(allocation_resources);
-            let queue_note = if allocation.is_none() { queue_note(ctx, &ns, site, job) } else { String::new() };
+            let queue_note = if allocation.is_none() { queue_note(ctx, &ns, site, job) } else { Default::default() };
             SiteView::Found { site, allocation, queue_note }
         }
     };
@@ -101,7 +101,7 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
     apply(ctx, job, site.as_deref(), &pod_name, decision).await
 }
 
-fn queue_note(ctx: &Context, ns: &str, site: &FLSite, job: &FLJob) -> String {
+fn queue_note(ctx: &Context, ns: &str, site: &FLSite, job: &FLJob) -> lifecycle::QueueNote {
     let views = ctx.job_views(ns, site);
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
     let queue = crate::quota::queue(&site.spec.capacity, allocations, &views);

@@ -107,11 +107,17 @@ pub fn job_view(job: &FLJob, site: &FLSite) -> JobView {
         && !job.spec.abort
         && st.abort.is_none()
         && is_true(&st.conditions, cond::RESOLVED);
+    let undecided = !finished
+        && job.metadata.deletion_timestamp.is_none()
+        && !job.spec.abort
+        && st.abort.is_none()
+        && crate::api::find_condition(&st.conditions, cond::RESOLVED).is_none();
     JobView {
         name: job.name_any(),
         uid: job.uid().unwrap_or_default(),
         created: job.metadata.creation_timestamp.clone(),
         wants_quota: wants,
+        undecided,
         done: finished,
         resources: crate::pod::effective_resources(job, site),
     }
