@@ -171,6 +171,9 @@ pub struct JobView {
     pub undecided: bool,
     /// The job has finished (or its abort completed): anything it holds goes back to the pool.
     pub done: bool,
+    /// What the job's own status says it holds. A running job's allocation missing from the ledger (the FLSite was
+    /// deleted and re-created, or its status overwritten) is put back, so the pool never forgets a running job.
+    pub recorded: Option<Resources>,
     /// Its resources.
     pub resources: Resources,
 }
@@ -186,6 +189,8 @@ pub struct Plan {
     pub admitted: Vec<String>,
     /// Jobs whose quota this plan frees.
     pub released: Vec<String>,
+    /// Running jobs put back into a ledger that had lost them.
+    pub restored: Vec<String>,
 }
 
 /// Order of admission: creation time, then name.
@@ -218,6 +223,20 @@ pub fn plan(capacity: &Capacity, allocations: &[Allocation], jobs: &[JobView], n
             out.released.push(a.job.clone());
         } else {
             out.allocations.push(a.clone());
+        }
+    }
+    let in_ledger: HashSet<String> = out.allocations.iter().map(|a| a.uid.clone()).collect();
+    for j in jobs.iter().filter(|j| !j.done && !in_ledger.contains(&j.uid)) {
+        if let Some(r) = &j.recorded {
+            out.allocations.push(Allocation {
+                job: j.name.clone(),
+                uid: j.uid.clone(),
+                gpus: r.gpus.unwrap_or(0),
+                cpu: r.cpu.clone(),
+                memory: r.memory.clone(),
+                since: Some(now.clone()),
+            });
+            out.restored.push(j.name.clone());
         }
     }
     let waiting = queue(capacity, &out.allocations, jobs);
@@ -266,6 +285,7 @@ mod tests {
             wants_quota: true,
             undecided: false,
             done: false,
+            recorded: None,
             resources: Resources { gpus: Some(gpus), cpu: Some(q("1")), memory: Some(q("1Gi")) },
         }
     }
@@ -329,6 +349,21 @@ mod tests {
         first.undecided = false; // checked: its Secret is missing, say; it no longer holds anyone up
         let p = plan(&cap, &[], &[view("early", 0, 0), first, view("later", 2, 0)], &t(10));
         assert_eq!(p.admitted, vec!["early", "later"]);
+    }
+
+    #[test]
+    fn a_ledger_that_lost_a_running_job_gets_it_back() {
+        let cap = Capacity { jobs: Some(1), ..Default::default() };
+        let mut running = view("running", 0, 0);
+        running.wants_quota = false;
+        running.recorded = Some(Resources { gpus: Some(0), cpu: Some(q("1")), memory: None });
+        let mut finished = view("finished", 0, 0);
+        finished.done = true;
+        finished.recorded = running.recorded.clone(); // released by the site, not yet cleared on the job
+        let p = plan(&cap, &[], &[running, finished, view("waiting", 1, 0)], &t(10));
+        assert_eq!(p.restored, vec!["running"]);
+        assert!(p.admitted.is_empty(), "the restored job fills the pool");
+        assert_eq!(p.queued, 1);
     }
 
     #[test]

@@ -369,3 +369,26 @@ async fn task_abort_reaches_the_running_worker_which_keeps_running() {
     env.done().await;
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_site_still_counts_the_jobs_that_run() {
+    let env = Env::new("site-recreate", jobs_capacity(1)).await;
+    env.create(&job("running", &[("sim.fljob.dev/run-seconds", "never")])).await;
+    wait_job(&env.jobs, "running", 60, |j| st(j).phase == Phase::Running).await;
+    let sites: Api<FLSite> = env.ns.api();
+    sites.delete("site-a", &DeleteParams::default()).await.unwrap();
+    common::wait_gone(&sites, "site-a", Duration::from_secs(30)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(st(&env.jobs.get("running").await.unwrap()).phase, Phase::Running, "the job outlives its site object");
+    sites.create(&kube::api::PostParams::default(), &site(jobs_capacity(1))).await.unwrap();
+    let s = wait_site(&env, 30, |s| s.allocations.iter().any(|a| a.job == "running")).await;
+    assert_eq!(s.used.jobs, 1);
+    env.create(&job("next", &[])).await;
+    wait_job(&env.jobs, "next", 30, |j| st(j).phase == Phase::Queued).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(st(&env.jobs.get("next").await.unwrap()).phase, Phase::Queued, "no over-admission");
+    abort(&env, "running").await;
+    let next = wait_job(&env.jobs, "next", 60, finished).await;
+    assert_eq!(st(&next).phase, Phase::Succeeded);
+    env.done().await;
+}

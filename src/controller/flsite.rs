@@ -14,7 +14,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 /// Builds the FLSite controller on the shared caches.
 pub fn controller(ctx: Arc<Context>, sites: Trigger<FLSite>, jobs: Trigger<FLJob>) -> impl std::future::Future<Output = ()> {
@@ -65,6 +65,9 @@ async fn reconcile_inner(site: &FLSite, ctx: &Context) -> Result<Action> {
         Err(kube::Error::Api(s)) if s.code == 409 => return Err(Error::Conflict(format!("FLSite {name}"))),
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Action::await_change()),
         Err(e) => return Err(kube_err("write flsite status")(e)),
+    }
+    if !plan.restored.is_empty() {
+        warn!(restored = ?plan.restored, "the ledger had lost running jobs; put them back from their own status");
     }
     if !plan.admitted.is_empty() || !plan.released.is_empty() {
         info!(admitted = ?plan.admitted, released = ?plan.released, queued = plan.queued, "ledger updated");

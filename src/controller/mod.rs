@@ -119,6 +119,7 @@ pub fn job_view(job: &FLJob, site: &FLSite) -> JobView {
         wants_quota: wants,
         undecided,
         done: finished,
+        recorded: st.allocation.clone(),
         resources: crate::pod::effective_resources(job, site),
     }
 }
