@@ -1,0 +1,431 @@
+"""A real NVFlare 2.9 project on 127.0.0.1 for end-to-end tests: 1 server + 1 client parent, jobs, admin API.
+
+Everything listens on 127.0.0.1 only, on ports the caller chooses (see ``free_ports``):
+
+* the server's fed-learn port and admin port (the server cert's CN is ``localhost``, the name the client uses);
+* the client parent's *internal* listener, fixed through ``<client>/local/comm_config.json`` (the shape
+  ``nvflare deploy prepare`` writes for Kubernetes), so that a worker started anywhere can reach the parent at a
+  known ``-p`` URL with ``--parent_conn_sec``.
+
+Usage::
+
+    from e2e.poc import Project, free_ports, numpy_job
+    fl, adm, par = free_ports(3)
+    p = Project("/tmp/e2e", fl_port=fl, admin_port=adm, parent_port=par)
+    p.provision()
+    p.configure_client(launcher={"id": "l", "path": "e2e.recording_launcher.RecordingLauncher", "args": {...}})
+    p.start()                                   # server + client parent, waits until the client is registered
+    job_dir = numpy_job(p.base / "jobs", "hello", rounds=2)
+    job_id = p.submit(job_dir)
+    p.wait_job(job_id, timeout=120)             # -> "FINISHED:COMPLETED"
+    p.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HOST = "127.0.0.1"
+SERVER_NAME = "localhost"  # the server's cert CN and the host clients connect to (resolves to 127.0.0.1)
+ADMIN = "admin@nvidia.com"
+PROJECT = "e2e"
+
+# Extra classes the site allows (NVFlare's default class_allow_list already has the numpy ones the jobs use).
+E2E_ALLOWED_CLASSES: List[str] = []
+
+
+def free_ports(n: int) -> List[int]:
+    """n distinct free TCP ports on 127.0.0.1 (bound once, then released)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def python_dir() -> Path:
+    """python/ of the repo: put on PYTHONPATH so fljob_launcher and e2e import in every NVFlare process."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+class Project:
+    def __init__(
+        self,
+        base_dir,
+        fl_port: int,
+        admin_port: int,
+        parent_port: int,
+        client: str = "site-1",
+        parent_conn_sec: str = "mtls",
+        python: str = sys.executable,
+    ):
+        self.base = Path(base_dir).resolve()
+        self.fl_port = fl_port
+        self.admin_port = admin_port
+        self.parent_port = parent_port
+        self.client = client
+        self.parent_conn_sec = parent_conn_sec
+        self.python = python
+        self.procs: Dict[str, subprocess.Popen] = {}
+        self._session = None
+
+    # ----- layout ----------------------------------------------------------------------------------------------
+
+    @property
+    def kits(self) -> Path:
+        return self.base / "prov" / PROJECT / "prod_00"
+
+    @property
+    def server_ws(self) -> Path:
+        return self.kits / SERVER_NAME
+
+    @property
+    def client_ws(self) -> Path:
+        return self.kits / self.client
+
+    @property
+    def admin_kit(self) -> Path:
+        return self.kits / ADMIN
+
+    @property
+    def parent_url(self) -> str:
+        return f"tcp://{HOST}:{self.parent_port}"
+
+    @property
+    def server_target(self) -> str:
+        return f"{SERVER_NAME}:{self.fl_port}"
+
+    # ----- provisioning ----------------------------------------------------------------------------------------
+
+    def provision(self) -> None:
+        """`nvflare provision` of a 1-server / 1-client / 1-admin project, then the 127.0.0.1 patches."""
+        shutil.rmtree(self.base / "prov", ignore_errors=True)
+        self.base.mkdir(parents=True, exist_ok=True)
+        project_yml = self.base / "project.yml"
+        project_yml.write_text(
+            f"""api_version: 3
+name: {PROJECT}
+description: fljob-operator e2e
+participants:
+  - name: {SERVER_NAME}
+    type: server
+    org: nvidia
+    fed_learn_port: {self.fl_port}
+    admin_port: {self.admin_port}
+  - name: {self.client}
+    type: client
+    org: nvidia
+  - name: {ADMIN}
+    type: admin
+    org: nvidia
+    role: project_admin
+builders:
+  - path: nvflare.lighter.impl.workspace.WorkspaceBuilder
+  - path: nvflare.lighter.impl.static_file.StaticFileBuilder
+    args:
+      config_folder: config
+  - path: nvflare.lighter.impl.cert.CertBuilder
+  - path: nvflare.lighter.impl.signature.SignatureBuilder
+"""
+        )
+        subprocess.run(
+            [self.python, "-m", "nvflare.cli", "provision", "-p", str(project_yml), "-w", str(self.base / "prov"),
+             "--force"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            cwd=self.base,
+        )
+        # Server: the target host "localhost" is loopback, so NVFlare binds the fed-learn listener to loopback; say
+        # so for the admin listener too.
+        fed_server = self.server_ws / "startup" / "fed_server.json"
+        conf = json.loads(fed_server.read_text())
+        conf["servers"][0]["admin_host"] = HOST
+        fed_server.write_text(json.dumps(conf, indent=2))
+        _write_json(self.client_ws / "local" / "comm_config.json", self.parent_comm_config())
+        self.configure_client()
+
+    def parent_comm_config(self) -> dict:
+        """The client parent's internal listener: fixed host/port/security, as `nvflare deploy prepare` writes."""
+        return {
+            "internal": {
+                "scheme": "tcp",
+                "resources": {"host": HOST, "port": self.parent_port, "connection_security": self.parent_conn_sec},
+            }
+        }
+
+    def configure_client(
+        self,
+        launcher: Optional[dict] = None,
+        extra_components: Optional[List[dict]] = None,
+        extra_allowed_classes: Optional[List[str]] = None,
+    ) -> Path:
+        """Write the client's local/resources.json from NVFlare's default, with `launcher` as the job launcher.
+
+        launcher: a component entry ({"id", "path", "args"}) replacing ``process_launcher``; None keeps NVFlare's
+        ClientProcessJobLauncher. The GPU resource manager / consumer are replaced by the passthrough manager
+        (quota is the operator's job). Call before start() (the parent reads it once).
+        """
+        default = json.loads((self.client_ws / "local" / "resources.json.default").read_text())
+        allow = list(default.get("class_allow_list") or [])
+        for cls in E2E_ALLOWED_CLASSES + list(extra_allowed_classes or []):
+            if cls not in allow:
+                allow.append(cls)
+        default["class_allow_list"] = allow
+        comps = [
+            {
+                "id": "resource_manager",
+                "path": "nvflare.app_common.resource_managers.passthrough_resource_manager.PassthroughResourceManager",
+                "args": {},
+            }
+        ]
+        for c in default.get("components") or []:
+            if c.get("id") in ("resource_manager", "resource_consumer"):
+                continue
+            if c.get("id") == "process_launcher" and launcher is not None:
+                continue
+            comps.append(c)
+        if launcher is not None:
+            comps.append(launcher)
+        comps.extend(extra_components or [])
+        default["components"] = comps
+        path = self.client_ws / "local" / "resources.json"
+        _write_json(path, default)
+        return path
+
+    # ----- processes -------------------------------------------------------------------------------------------
+
+    def env(self, extra: Optional[dict] = None) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(python_dir())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        env.update(extra or {})
+        return env
+
+    def _spawn(self, name: str, cmd: List[str], cwd: Path, env: dict) -> subprocess.Popen:
+        log = open(self.base / f"{name}.out", "ab")
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_server(self) -> subprocess.Popen:
+        ws = self.server_ws
+        cmd = [self.python, "-u", "-m", "nvflare.private.fed.app.server.server_train", "-m", str(ws), "-s",
+               "fed_server.json", "--set", "secure_train=true", "org=nvidia", "config_folder=config"]
+        return self._spawn("server", cmd, ws, self.env())
+
+    def start_client(self, env: Optional[dict] = None) -> subprocess.Popen:
+        ws = self.client_ws
+        cmd = [self.python, "-u", "-m", "nvflare.private.fed.app.client.client_train", "-m", str(ws), "-s",
+               "fed_client.json", "--set", "secure_train=true", f"uid={self.client}", "org=nvidia",
+               "config_folder=config"]
+        return self._spawn("client", cmd, ws, self.env(env))
+
+    def start(self, timeout: float = 90.0, client_env: Optional[dict] = None) -> None:
+        self.start_server()
+        self.start_client(client_env)
+        self.wait_client_registered(timeout)
+
+    def wait_client_registered(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {p.returncode}; see {self.base / (name + '.out')}")
+            try:
+                info = self.session().get_system_info()
+                if any(c.name == self.client for c in info.client_info):
+                    return
+                last = info
+            except Exception as e:  # server not up yet
+                last = e
+                self._session = None
+            time.sleep(1.0)
+        raise TimeoutError(f"client {self.client} not registered after {timeout} s: {last}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self._session is not None:
+            try:
+                self._session.close()
+            except Exception:
+                pass
+            self._session = None
+        for name in ("client", "server"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for name, p in list(self.procs.items()):
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+        self.procs.clear()
+
+    # ----- admin API -------------------------------------------------------------------------------------------
+
+    def session(self):
+        if self._session is None:
+            from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+            self._session = new_secure_session(ADMIN, str(self.admin_kit), timeout=10.0)
+        return self._session
+
+    def submit(self, job_dir) -> str:
+        return self.session().submit_job(str(job_dir))
+
+    def job_meta(self, job_id: str) -> dict:
+        return self.session().get_job_meta(job_id)
+
+    def job_status(self, job_id: str) -> str:
+        return str(self.job_meta(job_id).get("status"))
+
+    def wait_job(self, job_id: str, timeout: float = 180.0, poll: float = 0.5) -> str:
+        """Poll the server until the job is FINISHED:*; returns that status."""
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = self.job_status(job_id)
+            if status.startswith("FINISHED"):
+                return status
+            time.sleep(poll)
+        raise TimeoutError(f"job {job_id} still {status} after {timeout} s")
+
+    def wait_job_running(self, job_id: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.job_status(job_id) == "RUNNING":
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"job {job_id} not RUNNING after {timeout} s")
+
+    def abort(self, job_id: str) -> None:
+        self.session().abort_job(job_id)
+
+    # ----- files -----------------------------------------------------------------------------------------------
+
+    def startup_kit(self) -> Path:
+        return self.client_ws / "startup"
+
+    def parent_job_dir(self, job_id: str) -> Path:
+        return self.client_ws / job_id
+
+
+# ----- jobs ------------------------------------------------------------------------------------------------------
+
+_SERVER_APP = {
+    "format_version": 2,
+    "task_data_filters": [],
+    "task_result_filters": [],
+    "workflows": [
+        {
+            "id": "scatter_and_gather",
+            "path": "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather",
+            "args": {
+                "min_clients": 1,
+                "num_rounds": 2,
+                "start_round": 0,
+                "wait_time_after_min_received": 0,
+                "aggregator_id": "aggregator",
+                "persistor_id": "persistor",
+                "shareable_generator_id": "shareable_generator",
+                "train_task_name": "train",
+                "train_timeout": 0,
+            },
+        }
+    ],
+    "components": [
+        {"id": "persistor", "path": "nvflare.app_common.np.np_model_persistor.NPModelPersistor", "args": {}},
+        {
+            "id": "shareable_generator",
+            "path": "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator",
+            "args": {},
+        },
+        {
+            "id": "aggregator",
+            "path": "nvflare.app_common.aggregators.intime_accumulate_model_aggregator."
+            "InTimeAccumulateWeightedAggregator",
+            "args": {"expected_data_kind": "WEIGHTS"},
+        },
+    ],
+}
+
+
+def numpy_job(
+    parent_dir,
+    name: str,
+    rounds: int = 2,
+    sleep_per_round: float = 0.0,
+    variant: str = "ok",
+) -> Path:
+    """Write a ScatterAndGather numpy job folder (1 client) and return its path.
+
+    variant:
+      "ok"        NPTrainer, `rounds` rounds; sleep_per_round > 0 makes each round take that long (for abort
+                  tests: NPTrainer's sleep checks the abort signal every 0.5 s)
+      "unsafe"    the client executor is a class from the job's custom/ folder that is not in the site's
+                  class_allow_list -> the worker exits 102 (UNSAFE_COMPONENT)
+      "bad_arg"   NPTrainer with an argument it does not have -> the worker exits 103 (CONFIG_ERROR)
+    """
+    job = Path(parent_dir) / name
+    shutil.rmtree(job, ignore_errors=True)
+    app = job / "app"
+    server = json.loads(json.dumps(_SERVER_APP))
+    server["workflows"][0]["args"]["num_rounds"] = rounds
+    executor = {"id": "Executor", "path": "nvflare.app_common.np.np_trainer.NPTrainer", "args": {}}
+    if variant == "ok" and sleep_per_round > 0:
+        # NPTrainer sleeps in 1 s steps and checks the abort signal between them
+        executor["args"] = {"sleep_time": sleep_per_round}
+    elif variant == "unsafe":
+        executor = {"id": "Executor", "path": "unsafe_trainer.UnsafeTrainer", "args": {}}
+        (app / "custom").mkdir(parents=True, exist_ok=True)
+        (app / "custom" / "unsafe_trainer.py").write_text(
+            "from nvflare.app_common.np.np_trainer import NPTrainer\n\n\nclass UnsafeTrainer(NPTrainer):\n    pass\n"
+        )
+    elif variant == "bad_arg":
+        executor["args"] = {"no_such_argument": 1}
+    elif variant != "ok":
+        raise ValueError(f"unknown variant {variant}")
+    client = {
+        "format_version": 2,
+        "executors": [{"tasks": ["train", "submit_model"], "executor": executor}],
+        "task_result_filters": [],
+        "task_data_filters": [],
+        "components": [],
+    }
+    _write_json(app / "config" / "config_fed_server.json", server)
+    _write_json(app / "config" / "config_fed_client.json", client)
+    (app / "custom").mkdir(parents=True, exist_ok=True)
+    _write_json(
+        job / "meta.json",
+        {"name": name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]}, "min_clients": 1},
+    )
+    return job
