@@ -178,13 +178,21 @@ builders:
         launcher: Optional[dict] = None,
         extra_components: Optional[List[dict]] = None,
         extra_allowed_classes: Optional[List[str]] = None,
+        site_custom_files: Optional[List] = None,
     ) -> Path:
         """Write the client's local/resources.json from NVFlare's default, with `launcher` as the job launcher.
 
         launcher: a component entry ({"id", "path", "args"}) replacing ``process_launcher``; None keeps NVFlare's
         ClientProcessJobLauncher. The GPU resource manager / consumer are replaced by the passthrough manager
         (quota is the operator's job). Call before start() (the parent reads it once).
+
+        site_custom_files: files copied into the site's local/custom/ (on sys.path in the parent AND in the worker:
+        the worker downloads local/ and builds every component of resources.json, the launcher included).
         """
+        custom = self.client_ws / "local" / "custom"
+        custom.mkdir(parents=True, exist_ok=True)
+        for f in site_custom_files or []:
+            shutil.copy(f, custom / Path(f).name)
         default = json.loads((self.client_ws / "local" / "resources.json.default").read_text())
         allow = list(default.get("class_allow_list") or [])
         for cls in E2E_ALLOWED_CLASSES + list(extra_allowed_classes or []):

@@ -1,0 +1,265 @@
+"""Worker pod entry point: NVFlare's client worker_process, in-process, with graceful SIGTERM and pod-annotation aborts.
+
+    python -u -m fljob_launcher.worker <the exact arguments of nvflare.private.fed.app.client.worker_process>
+
+It runs ``nvflare.private.fed.app.client.worker_process`` as ``__main__`` in this process (so the exit code, the
+workspace transfer and everything else are NVFlare's own, unmodified) and adds what a pod needs:
+
+* **SIGTERM** (pod deletion, node drain, the operator's abort after the grace period starts): instead of dying
+  (143, no results) or, as PID 1, ignoring the signal until SIGKILL, the job is aborted the way NVFlare's ABORT
+  command does it -- the job cell's own CLIENT_COMMAND/ABORT handler runs ``ClientRunner.abort()``. The worker then
+  ends cleanly: it uploads its results to the parent and the server records the job aborted. A second SIGTERM/SIGINT
+  exits at once (128 + signal).
+* **Downward-API annotations** ``$FLJOB_INFO_DIR/annotations`` (default ``/etc/fljob/annotations``; lines
+  ``key="value"``, Go-quoted values), re-read every ``FLJOB_WATCH_INTERVAL`` seconds (default 0.5):
+  ``fljob.dev/abort: "true"`` -> ABORT (as above); a new value of ``fljob.dev/abort-task`` -> ABORT_TASK (the current
+  task is dropped, the job keeps running). The value present at start is the baseline, not a request.
+
+An abort that arrives before the job cell accepts commands (workspace download, configuration) is delivered as soon as
+it does.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+WORKER_MODULE = "nvflare.private.fed.app.client.worker_process"
+ENV_INFO_DIR = "FLJOB_INFO_DIR"
+DEFAULT_INFO_DIR = "/etc/fljob"
+ENV_WATCH_INTERVAL = "FLJOB_WATCH_INTERVAL"
+ANNOTATION_ABORT = "fljob.dev/abort"
+ANNOTATION_ABORT_TASK = "fljob.dev/abort-task"
+
+_SIMPLE_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34, "'": 39}
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"[fljob-worker] {msg}\n")
+    sys.stderr.flush()
+
+
+def go_unquote(text: str) -> str:
+    """The value of a Go double-quoted string literal (strconv.Quote output, as the downward API writes it)."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        raise ValueError(f"not a quoted string: {text!r}")
+    body = text[1:-1]
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            out += c.encode("utf-8")
+            i += 1
+            continue
+        if i + 1 >= len(body):
+            raise ValueError("dangling backslash")
+        e = body[i + 1]
+        if e in _SIMPLE_ESCAPES:
+            out.append(_SIMPLE_ESCAPES[e])
+            i += 2
+        elif e == "x":
+            out.append(int(body[i + 2 : i + 4], 16))
+            i += 4
+        elif e in "uU":
+            n = 4 if e == "u" else 8
+            out += chr(int(body[i + 2 : i + 2 + n], 16)).encode("utf-8")
+            i += 2 + n
+        elif e in "01234567":
+            out.append(int(body[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            raise ValueError(f"unknown escape \\{e}")
+    return out.decode("utf-8", errors="replace")
+
+
+def parse_downward_api(text: str) -> Dict[str, str]:
+    """`key="value"` lines (the downward API's metadata.annotations / labels file) -> dict; bad lines skipped."""
+    result = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or not key:
+            continue
+        try:
+            result[key] = go_unquote(value.strip())
+        except (ValueError, IndexError):
+            continue
+    return result
+
+
+def read_annotations(path: str) -> Optional[Dict[str, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_downward_api(f.read())
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None
+
+
+def _arg_value(argv: List[str], *flags: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        for flag in flags:
+            if a == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(flag + "="):
+                return a[len(flag) + 1 :]
+    return None
+
+
+class JobCommands:
+    """Runs NVFlare client commands (ABORT, ABORT_TASK) on this process's job cell, as if the parent sent them.
+
+    The job cell (FQCN ``<client>.<job id>``) registers its CommandAgent for channel CLIENT_COMMAND; the parent's
+    JobExecutor reaches it with ``fire_and_forget(topic=ABORT)``. Here the same registered callback is invoked with
+    the same message, in this process.
+    """
+
+    def __init__(self, client_name: str, job_id: str):
+        from nvflare.fuel.f3.cellnet.fqcn import FQCN
+
+        self.fqcn = FQCN.join([client_name, job_id])
+
+    def _callback(self, topic: str):
+        from nvflare.fuel.f3.cellnet.core_cell import CoreCell
+        from nvflare.private.defs import CellChannel
+
+        cell = CoreCell.ALL_CELLS.get(self.fqcn)
+        if cell is None or not getattr(cell, "running", False):
+            return None
+        return cell.req_reg.find(CellChannel.CLIENT_COMMAND, topic)
+
+    def ready(self, topic: str) -> bool:
+        return self._callback(topic) is not None
+
+    def run(self, topic: str, payload: dict) -> bool:
+        """True once the job cell's command handler ran the command."""
+        from nvflare.fuel.f3.cellnet.defs import MessageHeaderKey
+        from nvflare.private.defs import CellChannel, new_cell_message
+
+        cb = self._callback(topic)
+        if cb is None:
+            return False
+        msg = new_cell_message(
+            {
+                MessageHeaderKey.CHANNEL: CellChannel.CLIENT_COMMAND,
+                MessageHeaderKey.TOPIC: topic,
+                MessageHeaderKey.ORIGIN: self.fqcn,
+            },
+            payload,
+        )
+        cb.cb(msg, *cb.args, **cb.kwargs)
+        return True
+
+
+class AbortRelay:
+    """Turns SIGTERM and annotation changes into ABORT / ABORT_TASK on the job cell (from one daemon thread)."""
+
+    def __init__(self, commands: JobCommands, annotations_path: Optional[str], interval: float = 0.5):
+        self.commands = commands
+        self.annotations_path = annotations_path
+        self.interval = interval
+        self._wake = threading.Event()
+        self._abort_reason: Optional[str] = None
+        self._abort_sent = False
+        self._task_aborts = 0  # pending ABORT_TASK requests
+        self._task_baseline: Optional[str] = None
+        self._signals = 0
+        self._lock = threading.Lock()
+        ann = read_annotations(annotations_path) if annotations_path else None
+        if ann is not None:
+            self._task_baseline = ann.get(ANNOTATION_ABORT_TASK)
+            if ann.get(ANNOTATION_ABORT, "").lower() == "true":
+                self.request_abort("annotation fljob.dev/abort=true at start")
+
+    # ----- requests (any thread, signal handler included: no locks held long, no I/O but a flag) --------------
+
+    def request_abort(self, reason: str) -> None:
+        if self._abort_reason is None:
+            self._abort_reason = reason
+        self._wake.set()
+
+    def on_signal(self, signum, _frame) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(128 + signum)
+        self.request_abort(f"signal {signal.Signals(signum).name}")
+
+    # ----- the relay thread -----------------------------------------------------------------------------------
+
+    def _poll_annotations(self) -> None:
+        if not self.annotations_path:
+            return
+        ann = read_annotations(self.annotations_path)
+        if ann is None:
+            return
+        if ann.get(ANNOTATION_ABORT, "").lower() == "true":
+            self.request_abort("annotation fljob.dev/abort=true")
+        task = ann.get(ANNOTATION_ABORT_TASK)
+        if task is not None and task != self._task_baseline:
+            self._task_baseline = task
+            with self._lock:
+                self._task_aborts += 1
+            _log(f"annotation {ANNOTATION_ABORT_TASK} changed: aborting the current task")
+
+    def _deliver(self) -> None:
+        from nvflare.apis.fl_constant import AdminCommandNames
+
+        if self._abort_reason is not None and not self._abort_sent:
+            if self.commands.run(AdminCommandNames.ABORT, {}):
+                self._abort_sent = True
+                _log(f"{self._abort_reason}: sent ABORT to the job (t={time.time():.3f})")
+        with self._lock:
+            pending = self._task_aborts
+        if pending and not self._abort_reason:
+            payload = {"command": AdminCommandNames.ABORT_TASK, "data": {}}
+            if self.commands.run(AdminCommandNames.ABORT_TASK, payload):
+                with self._lock:
+                    self._task_aborts -= 1
+                _log(f"sent ABORT_TASK to the job (t={time.time():.3f})")
+
+    def loop(self) -> None:
+        while True:
+            try:
+                self._poll_annotations()
+                self._deliver()
+            except Exception as e:  # the relay must never take the job down
+                _log(f"abort relay error: {type(e).__name__}: {e}")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.loop, name="fljob-abort-relay", daemon=True)
+        t.start()
+        return t
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job_id = _arg_value(argv, "-n", "--job_id")
+    client_name = _arg_value(argv, "-c", "--client_name")
+    info_dir = os.environ.get(ENV_INFO_DIR, DEFAULT_INFO_DIR)
+    annotations = os.path.join(info_dir, "annotations") if info_dir else None
+    try:
+        interval = float(os.environ.get(ENV_WATCH_INTERVAL, "0.5"))
+    except ValueError:
+        interval = 0.5
+    if job_id and client_name:
+        relay = AbortRelay(JobCommands(client_name, job_id), annotations, interval=max(0.05, interval))
+        signal.signal(signal.SIGTERM, relay.on_signal)
+        signal.signal(signal.SIGINT, relay.on_signal)
+        relay.start()
+    else:
+        _log("no -n/-c in the arguments: running the worker without the abort relay")
+    # NVFlare's worker parses sys.argv itself and ends with sys.exit(rc).
+    sys.argv = [WORKER_MODULE.replace(".", "/") + ".py"] + argv
+    runpy.run_module(WORKER_MODULE, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
