@@ -15,6 +15,8 @@
 #   FLJOB_CLUSTER_DIR  state dir (default /tmp/fljob-cluster): logs, pid files, certs,
 #                      kubeconfigs, etcd data; $FLJOB_CLUSTER_DIR/bin -> the tools bin dir
 #   FLJOB_NODES        number of fake nodes (default 4)
+#   FLJOB_REAL_NODES=1 also run one real node (kubelet + containerd + runc, hack/realnode.sh) next to them;
+#                      `up` on a running cluster adds it, `down` removes it and restores the host
 #   FLJOB_SA_TOKEN_DURATION  lifetime of sa-kubeconfig tokens (default 24h)
 set -euo pipefail
 
@@ -160,6 +162,8 @@ gen_certs() {
   sign controller-manager "/CN=system:kube-controller-manager" "$client"
   sign scheduler "/CN=system:kube-scheduler" "$client"
   sign kwok "/O=system:masters/CN=kwok" "$client"
+  # The API server's identity when it calls a kubelet (logs, exec); the real node's kubelet authorizes it.
+  sign apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client" "$client"
   # service-account token signing key pair
   openssl ecparam -name prime256v1 -genkey -noout -out "$p/sa.key" 2>/dev/null
   openssl ec -in "$p/sa.key" -pubout -out "$p/sa.pub" 2>/dev/null
@@ -261,9 +265,12 @@ take_lock() { # serialise up/down on one state dir; $1 = what to do on timeout (
   fi
 }
 
+real_nodes() { [[ "${FLJOB_REAL_NODES:-0}" == 1 ]]; }
+
 cmd_up() {
   if [[ -d "$D" ]] && healthy; then
     log "already up ($(api_url)); admin kubeconfig: $KUBECONFIG_ADMIN"
+    if real_nodes; then "$ROOT/hack/realnode.sh" up; fi
     return 0
   fi
   # Build (or find) the tools before taking the lock: a cold build takes minutes.
@@ -273,10 +280,12 @@ cmd_up() {
   take_lock die
   if [[ -d "$D" ]] && healthy; then
     log "already up ($(api_url)); admin kubeconfig: $KUBECONFIG_ADMIN"
+    if real_nodes; then "$ROOT/hack/realnode.sh" up; fi
     return 0
   fi
   if [[ -e "$D" ]]; then
     log "found a stale or broken cluster in $D; cleaning it up first"
+    "$ROOT/hack/realnode.sh" down || true
     stop_all
     rm -rf "$D"
   fi
@@ -290,7 +299,7 @@ cmd_up() {
   rm -rf "${D}.failed-logs"
   ln -sfn "$bin" "$D/bin"
   # from here on, a failure tears everything down again
-  trap 'rc=$?; if ((rc != 0)); then log "up failed; tearing down (logs kept in ${D}.failed-logs)"; rm -rf "${D}.failed-logs"; cp -r "$D/logs" "${D}.failed-logs" 2>/dev/null || true; stop_all; rm -rf "$D"; fi' EXIT
+  trap 'rc=$?; if ((rc != 0)); then log "up failed; tearing down (logs kept in ${D}.failed-logs)"; rm -rf "${D}.failed-logs"; cp -r "$D/logs" "${D}.failed-logs" 2>/dev/null || true; cp -r "$D/realnode/logs" "${D}.failed-logs/realnode" 2>/dev/null || true; "$ROOT/hack/realnode.sh" down || true; stop_all; rm -rf "$D"; fi' EXIT
 
   local ports etcd_port peer_port api_port
   read -r etcd_port peer_port api_port <<<"$(free_ports 3)"
@@ -325,6 +334,9 @@ cmd_up() {
     --allow-privileged=true \
     --endpoint-reconciler-type=none \
     --kubelet-preferred-address-types=InternalIP \
+    --kubelet-client-certificate="$D/pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$D/pki/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority="$D/pki/ca.crt" \
     --feature-gates=MutatingAdmissionPolicy=true \
     --runtime-config=admissionregistration.k8s.io/v1beta1=true \
     --profiling=false --event-ttl=1h
@@ -373,6 +385,7 @@ export FLJOB_TEST_KUBECONFIG=$KUBECONFIG_ADMIN
 export FLJOB_TOOLS_BIN=$D/bin
 export KUBECONFIG=$KUBECONFIG_ADMIN
 EOF
+  if real_nodes; then "$ROOT/hack/realnode.sh" up; fi
   trap - EXIT
   log "up in $((SECONDS - t0))s: $api, $NODES nodes; admin kubeconfig: $KUBECONFIG_ADMIN (source $D/env)"
 }
@@ -384,6 +397,7 @@ cmd_down() {
     log "nothing to do: $D does not exist"
     return 0
   fi
+  "$ROOT/hack/realnode.sh" down || log "warning: the real node's teardown reported an error"
   stop_all
   rm -rf "$D" "${D}.failed-logs"
   rm -f "$D.lock"
@@ -400,6 +414,9 @@ cmd_status() {
     if pid="$(pid_of "$c")"; then printf '%-24s running (pid %s)\n' "$c" "$pid"; else printf '%-24s NOT RUNNING (log: %s)\n' "$c" "$D/logs/$c.log"; ok=1; fi
   done
   if api_ready; then echo "apiserver                $(api_url) ready"; else echo "apiserver                not ready"; ok=1; fi
+  if [[ -d "$D/realnode" ]] || real_nodes; then
+    if "$ROOT/hack/realnode.sh" status; then echo "real node                Ready"; else echo "real node                NOT READY (logs: $D/realnode/logs)"; ok=1; fi
+  fi
   if [[ -x "$D/bin/kubectl" ]] && api_ready; then
     kc get nodes -o wide 2>/dev/null || true
     nodes_ready || ok=1

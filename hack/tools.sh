@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pinned local control plane (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok, helm) from the Go modules under hack/tools/
+# kube-scheduler, kubectl, kubelet for the optional real node, etcd, kwok, helm) from the Go modules under hack/tools/
 # into a cache directory keyed by the pinned versions, and prints that directory.
 #
 #   hack/tools.sh                  build what is missing; the bin dir is the last stdout line
@@ -38,7 +38,7 @@ KEY="k8s-${K8S_VERSION#v}_etcd-${ETCD_VERSION#v}_kwok-${KWOK_VERSION#v}_helm-${H
 CACHE_ROOT="${FLJOB_TOOLS_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/fljob-operator}"
 BIN="$CACHE_ROOT/$KEY/bin"
 
-K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 
 missing() { # names of the binaries not yet in $BIN
   local b
@@ -101,7 +101,7 @@ build() {
 need() { missing | grep -qx "$1"; }
 TOTAL_START=$SECONDS
 
-if need kube-apiserver || need kube-controller-manager || need kube-scheduler || need kubectl; then
+if need kube-apiserver || need kube-controller-manager || need kube-scheduler || need kubectl || need kubelet; then
   # Stamp the version like upstream's hack/lib/version.sh does; without it the server
   # reports v0.0.0-master+$Format:%H$, which breaks helm kubeVersion checks.
   minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
@@ -118,7 +118,7 @@ if need kube-apiserver || need kube-controller-manager || need kube-scheduler ||
   log "kubernetes ${K8S_VERSION}: a cold build takes a long time on 2 cores (tens of minutes)"
   build kubernetes "$TOOLS/k8s" "$ld" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet
 fi
 
 if need etcd; then

@@ -1,0 +1,247 @@
+//! The operator against a real node: kubelet + containerd + runc (`FLJOB_REAL_NODES=1 make cluster-up`, which
+//! `make test` does), real containers from images built here (hack/images.sh). The worker is
+//! hack/images/fake-worker.sh in the busybox image: a real process started with the exact NVFlare command line,
+//! driven by its `--set` options. Every namespace here enforces Pod Security `restricted`, so every pod these tests
+//! run was admitted by it, unchanged, and started as the non-root user the operator sets.
+
+mod common;
+mod fl;
+
+use common::{kubectl, namespace_with_labels};
+use fl::*;
+use fljob_operator::api::*;
+use k8s_openapi::api::core::v1::{Pod, Toleration};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// The real node's name, or None when the suite runs without one (`FLJOB_REAL_NODES=0`: the tests say so and pass
+/// nothing off as checked). Anything else without a node is a setup error, not a skip.
+fn real_node() -> Option<String> {
+    if std::env::var("FLJOB_REAL_NODES").as_deref() == Ok("0") {
+        eprintln!("FLJOB_REAL_NODES=0: real-node test not run");
+        return None;
+    }
+    let node = std::env::var("FLJOB_REAL_NODE").unwrap_or_else(|_| {
+        panic!("FLJOB_REAL_NODE is not set: run `make test` (it starts the real node), or FLJOB_REAL_NODES=0 to leave these out")
+    });
+    Some(node)
+}
+
+/// An image reference built and imported by hack/images.sh (exported by hack/test.sh as FLJOB_IMAGE_<NAME>).
+fn image(name: &str) -> String {
+    let var = format!("FLJOB_IMAGE_{}", name.to_ascii_uppercase());
+    std::env::var(&var).unwrap_or_else(|_| panic!("{var} is not set: run `make test`"))
+}
+
+/// site-a with the busybox image and the fake worker as its "python".
+fn real_site(capacity: Capacity) -> FLSite {
+    let mut s = site(capacity);
+    s.spec.defaults.image = image("busybox");
+    s.spec.defaults.python_path = Some("/bin/fake-worker".into());
+    s.spec.defaults.resources = Some(Resources { cpu: Some(Quantity("100m".into())), memory: Some(Quantity("64Mi".into())), gpus: None });
+    s
+}
+
+/// A job for the real node whose fake worker acts on `opts` (`exit_code=`, `run_seconds=`, ...).
+fn real_job(name: &str, opts: &[&str]) -> FLJob {
+    let mut j = job(name, &[]);
+    j.spec.options = opts.iter().map(|o| o.to_string()).collect();
+    let spec = j.spec.pod_template.as_mut().unwrap().spec.as_mut().unwrap();
+    spec.node_selector = BTreeMap::from([("fljob.dev/real-node".to_string(), "true".to_string())]);
+    spec.tolerations = vec![Toleration {
+        key: Some("fljob.dev/real-node".into()),
+        operator: Some("Equal".into()),
+        value: Some("true".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    }];
+    j
+}
+
+/// A namespace enforcing Pod Security `restricted`, the site, and the operator.
+async fn real_env(prefix: &str, capacity: Capacity) -> Env {
+    install_crds();
+    let client = common::client().await;
+    let ns = namespace_with_labels(&client, prefix, &[("pod-security.kubernetes.io/enforce", "restricted")]).await;
+    create_site(&client, ns.name(), &real_site(capacity)).await;
+    let op = Operator::start(ns.name());
+    let jobs = ns.api::<FLJob>();
+    Env { client, ns, op, jobs }
+}
+
+async fn pod_of(env: &Env, j: &FLJob) -> Pod {
+    let pods: Api<Pod> = env.ns.api();
+    let name = st(j).pod_name.clone().expect("status.podName");
+    pods.get(&name).await.unwrap_or_else(|e| panic!("pod {name}: {e}"))
+}
+
+/// The worker container's terminated exit code as the real kubelet reported it.
+fn container_exit(pod: &Pod) -> Option<i32> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let worker = statuses.iter().find(|c| c.name == "worker")?;
+    Some(worker.state.as_ref()?.terminated.as_ref()?.exit_code)
+}
+
+fn kubectl_out(args: &[&str]) -> String {
+    let out = kubectl().args(args).output().expect("run kubectl");
+    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn secs(from: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time, to: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> f64 {
+    (millis(to) - millis(from)) as f64 / 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_exit_codes() {
+    let Some(node) = real_node() else { return };
+    let env = real_env("real-exit", Capacity::default()).await;
+    let rows: [(&str, &[&str], Phase, Option<&str>, i32); 4] = [
+        ("ok", &["exit_code=0"], Phase::Succeeded, None, 0),
+        ("unsafe", &["exit_code=102"], Phase::Failed, Some("UnsafeComponent"), 102),
+        ("config", &["exit_code=103"], Phase::Failed, Some("ConfigError"), 103),
+        ("exec-error", &["exit_code=1", "run_seconds=3"], Phase::Failed, Some("ExecutionError"), 1),
+    ];
+    let t0 = Instant::now();
+    for (name, opts, ..) in &rows {
+        env.create(&real_job(name, opts)).await;
+    }
+    for (name, _, phase, reason, code) in rows {
+        let j = wait_job(&env.jobs, name, 120, finished).await;
+        let s = st(&j);
+        assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (phase, reason, Some(code)), "{name}: {s:#?}");
+        let pod = pod_of(&env, &j).await;
+        assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(node.as_str()), "{name} ran on the real node");
+        assert_eq!(container_exit(&pod), Some(code), "{name}: the real container's exit code");
+        println!("real exit {code}: {name} -> {:?} {:?} after {:.1}s", s.phase, s.reason, t0.elapsed().as_secs_f64());
+    }
+    // The exit-1 job was seen running first: the operator's Started condition came from the real container state.
+    let j = wait_job(&env.jobs, "exec-error", 5, finished).await;
+    assert!(st(&j).conditions.iter().any(|c| c.type_ == "Started" && c.status == "True"), "{:#?}", st(&j).conditions);
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_oom_killed() {
+    let Some(_) = real_node() else { return };
+    let env = real_env("real-oom", Capacity::default()).await;
+    let mut j = real_job("oom", &["memory_mb=256", "run_seconds=30"]);
+    j.spec.resources = Some(Resources { cpu: Some(Quantity("100m".into())), memory: Some(Quantity("32Mi".into())), gpus: None });
+    env.create(&j).await;
+    let j = wait_job(&env.jobs, "oom", 120, finished).await;
+    let s = st(&j);
+    assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (Phase::Failed, Some("OOMKilled"), Some(137)), "{s:#?}");
+    let pod = pod_of(&env, &j).await;
+    let term = pod.status.unwrap().container_statuses.unwrap()[0].state.clone().unwrap().terminated.unwrap();
+    assert_eq!(term.reason.as_deref(), Some("OOMKilled"), "the kernel's OOM kill, as the kubelet saw it");
+    println!("real OOMKilled: exit {} under a 32Mi limit", term.exit_code);
+    env.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_image_missing_and_secret_key_missing() {
+    let Some(_) = real_node() else { return };
+    let env = real_env("real-waiting", Capacity::default()).await;
+    // An image that is nowhere: its registry is a closed port on loopback (no lookup leaves the machine).
+    let mut missing = real_job("no-image", &[]);
+    missing.spec.image = Some("127.0.0.1:1/fljob/not-there:1".into());
+    env.create(&missing).await;
+    // A key the credentials Secret does not have: the kubelet itself refuses to create the container.
+    let mut nokey = real_job("no-key", &[]);
+    nokey.spec.pod_template.as_mut().unwrap().spec.as_mut().unwrap().env = vec![k8s_openapi::api::core::v1::EnvVar {
+        name: "EXTRA".into(),
+        value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+            secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                name: "site-a-creds".into(),
+                key: "no-such-key".into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    env.create(&nokey).await;
+    let j = wait_job(&env.jobs, "no-image", 120, finished).await;
+    let s = st(&j);
+    assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (Phase::Failed, Some("ImagePullFailed"), Some(104)), "{s:#?}");
+    assert!(s.message.as_deref().unwrap_or("").contains("ErrImagePull") || s.message.as_deref().unwrap_or("").contains("ImagePullBackOff"), "{s:#?}");
+    println!("real missing image -> {:?}: {}", s.reason, s.message.unwrap_or_default());
+    let j = wait_job(&env.jobs, "no-key", 120, finished).await;
+    let s = st(&j);
+    assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (Phase::Failed, Some("ConfigError"), Some(103)), "{s:#?}");
+    assert!(s.message.as_deref().unwrap_or("").contains("CreateContainerConfigError"), "{s:#?}");
+    println!("real missing Secret key -> {:?}: {}", s.reason, s.message.unwrap_or_default());
+    env.done().await;
+}
+
+/// Aborts of real processes: one stops by itself on the abort annotation (Graceful), one only on SIGTERM (Deleted),
+/// one ignores both and is killed (Forced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_aborts() {
+    let Some(_) = real_node() else { return };
+    let env = real_env("real-abort", Capacity::default()).await;
+    let cases: [(&str, &[&str], AbortMethod); 3] = [
+        ("graceful", &["run_seconds=forever"], AbortMethod::Graceful),
+        ("on-sigterm", &["run_seconds=forever", "on_abort=ignore"], AbortMethod::Deleted),
+        ("ignores-all", &["run_seconds=forever", "on_abort=ignore", "on_term=ignore"], AbortMethod::Forced),
+    ];
+    for (name, opts, _) in &cases {
+        let mut j = real_job(name, opts);
+        j.spec.abort_grace_period_seconds = Some(3);
+        env.create(&j).await;
+    }
+    for (name, ..) in &cases {
+        wait_job(&env.jobs, name, 120, |j| st(j).phase == Phase::Running).await;
+    }
+    for (name, ..) in &cases {
+        env.jobs
+            .patch(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": true}})))
+            .await
+            .expect("abort");
+    }
+    for (name, _, method) in cases {
+        let j = wait_job(&env.jobs, name, 120, finished).await;
+        let s = st(&j);
+        let a = s.abort.clone().expect("status.abort");
+        assert_eq!((s.phase, a.method), (Phase::Aborted, Some(method)), "{name}: {s:#?}");
+        assert_eq!(s.exit_code, Some(9), "{name}: NVFlare's ABORTED");
+        let took = secs(&a.requested_at, a.completed_at.as_ref().expect("completedAt"));
+        println!("real abort {name}: {method:?} in {took:.1}s (grace 3s, pod termination grace 2s)");
+        match method {
+            AbortMethod::Graceful => assert!(took < 3.0, "{name} stopped by itself within the grace period: {took}"),
+            AbortMethod::Deleted => assert!((3.0..5.0 + 3.0).contains(&took), "{name}: deleted after the grace period: {took}"),
+            AbortMethod::Forced => assert!(took >= 5.0, "{name}: forced after grace + pod grace: {took}"),
+        }
+    }
+    env.done().await;
+}
+
+/// Pod Security `restricted` admits the worker pod as the operator builds it, and the container really runs as the
+/// non-root user with what the pod asked for; `kubectl logs` and `kubectl exec` reach it through the kubelet's
+/// authenticated API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_restricted_pod_runs_non_root_with_logs_and_exec() {
+    let Some(_) = real_node() else { return };
+    let env = real_env("real-restricted", Capacity::default()).await;
+    env.create(&real_job("runner", &["run_seconds=forever"])).await;
+    let j = wait_job(&env.jobs, "runner", 120, |j| st(j).phase == Phase::Running).await;
+    let pod = st(&j).pod_name.unwrap();
+    let ns = env.ns.name().to_string();
+    let exec = kubectl_out(&["-n", &ns, "exec", &pod, "-c", "worker", "--", "sh", "-c", "id -u; cat /etc/fljob/labels; ls /var/tmp/nvflare/workspace/startup"]);
+    assert!(exec.starts_with("1000\n"), "runs as uid 1000: {exec}");
+    assert!(exec.contains("fljob.dev/job=\"runner\""), "downward-API labels in the container: {exec}");
+    assert!(exec.contains("fed_client.json"), "startup kit mounted: {exec}");
+    env.jobs.patch("runner", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": true}}))).await.unwrap();
+    let j = wait_job(&env.jobs, "runner", 60, finished).await;
+    assert_eq!(st(&j).abort.and_then(|a| a.method), Some(AbortMethod::Graceful));
+    let logs = kubectl_out(&["-n", &ns, "logs", &pod, "-c", "worker"]);
+    assert!(logs.contains("fake-worker: uid=1000"), "{logs}");
+    assert!(logs.contains("-m nvflare.private.fed.app.client.worker_process"), "the NVFlare command line reached the process: {logs}");
+    assert!(logs.contains("abort seen"), "{logs}");
+    let labels = kubectl_out(&["get", "ns", &ns, "-o", "jsonpath={.metadata.labels}"]);
+    assert!(labels.contains("\"pod-security.kubernetes.io/enforce\":\"restricted\""), "{labels}");
+    let _ = env.jobs.get(&j.name_any()).await;
+    env.done().await;
+}
