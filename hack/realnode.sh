@@ -63,10 +63,13 @@ stop_pid() { # stop_pid NAME
   rm -f "$f"
 }
 
-wait_for() { # wait_for SECONDS WHAT CMD...
-  local deadline=$((SECONDS + $1)) what="$2"; shift 2
+wait_for() { # wait_for SECONDS WHAT CMD... (fails at once when the kubelet or containerd has exited)
+  local deadline=$((SECONDS + $1)) what="$2" p; shift 2
   until "$@" >/dev/null 2>&1; do
     ((SECONDS < deadline)) || { log "timed out waiting for $what"; return 1; }
+    for p in containerd kubelet; do
+      if [[ -f "$R/run/$p.pid" ]] && ! pid_alive "$p"; then log "$p exited while waiting for $what"; return 1; fi
+    done
     sleep 0.3
   done
 }
@@ -120,7 +123,9 @@ record_host() {
     [[ -e "/proc/sys/${s//.//}" ]] && printf '%s=%s\n' "$s" "$(cat "/proc/sys/${s//.//}")" >>"$R/host-sysctls"
   done
   : >"$R/host-created"
-  for s in /var/log/containers /var/log/pods /var/lib/cni /run/containerd /run/netns; do
+  # Fixed host paths the kubelet, containerd and libcni use whatever their configured dirs (device-plugin socket,
+  # container log links, CNI result cache, shim sockets, netns mounts).
+  for s in /var/log/containers /var/log/pods /var/lib/cni /var/lib/kubelet /run/containerd /run/netns; do
     [[ -e "$s" ]] || echo "$s" >>"$R/host-created"
   done
   { ls /run/containerd/s 2>/dev/null || true; } | sort >"$R/host-shim-sockets"
@@ -146,13 +151,16 @@ restore_host() {
   if [[ -d /run/containerd/s && -f "$R/host-shim-sockets" ]]; then
     comm -13 "$R/host-shim-sockets" <(ls /run/containerd/s | sort) | while read -r s; do rm -f "/run/containerd/s/$s"; done
   fi
-  # Folders that did not exist before: remove them when they hold nothing of anyone else's.
+  # Folders that did not exist before the node started are the node's: remove them whole.
   if [[ -f "$R/host-created" ]]; then
     while read -r line; do
-      [[ -n "$line" && -d "$line" ]] || continue
-      find "$line" -depth -type d -empty -delete 2>/dev/null || true
+      [[ -n "$line" && -e "$line" ]] || continue
+      rm -rf "$line"
     done <"$R/host-created"
   fi
+  # In folders that did exist: the kubelet's device-plugin socket.
+  rm -f /var/lib/kubelet/device-plugins/kubelet.sock 2>/dev/null || true
+  return 0
 }
 
 kill_containers() { # every process in the node's cgroups
@@ -161,11 +169,24 @@ kill_containers() { # every process in the node's cgroups
     for ctl in /sys/fs/cgroup/*/; do
       dir="${ctl%/}$CGROUP_ROOT"
       [[ -d "$dir" ]] || continue
-      find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u | while read -r pid; do
+      { find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null || true; } | sort -u | while read -r pid; do
         kill -KILL "$pid" 2>/dev/null || true
       done
     done
     sleep 0.2
+  done
+}
+
+make_cgroups() { # the kubelet's --cgroup-root must exist in every v1 hierarchy
+  local ctl dir
+  for ctl in /sys/fs/cgroup/*/; do
+    [[ -f "${ctl}cgroup.procs" ]] || continue
+    dir="${ctl%/}$CGROUP_ROOT"
+    mkdir -p "$dir"
+    if [[ -f "$dir/cpuset.cpus" ]]; then
+      cat "${ctl}cpuset.cpus" >"$dir/cpuset.cpus"
+      cat "${ctl}cpuset.mems" >"$dir/cpuset.mems"
+    fi
   done
 }
 
@@ -183,7 +204,7 @@ remove_cgroups() {
 unmount_ours() { # every mount under $R or a netns made for our pods, deepest first
   local m
   for _ in 1 2 3; do
-    awk '{print $5}' /proc/self/mountinfo | sed 's/\\040/ /g' | grep -E "^($R/|/run/netns/cni-|/var/run/netns/cni-)" | sort -r | while read -r m; do
+    { awk '{print $5}' /proc/self/mountinfo | sed 's/\\040/ /g' | grep -E "^($R/|/run/netns/cni-|/var/run/netns/cni-)" || true; } | sort -r | while read -r m; do
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
   done
@@ -328,20 +349,26 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:
 subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: kube-apiserver-kubelet-client}
 RBAC
+  make_cgroups
   log "starting kubelet (node $NODE)"
   start_bg kubelet "$D/bin/kubelet" --config="$R/kubelet-config.yaml" --kubeconfig="$R/kubelet.kubeconfig" \
     --hostname-override="$NODE" --root-dir="$R/kubelet" --cert-dir="$R/pki" \
-    --node-labels="fljob.dev/real-node=true" --v=1
+    --node-labels="fljob.dev/real-node=true" --cloud-provider=external --v=1
   wait_for 60 "node $NODE registered" kc get node "$NODE" || { tail -n 30 "$R/logs/kubelet.log" >&2; return 1; }
-  # kubelet refuses a loopback --node-ip and leaves the addresses empty; the API server reaches it at 127.0.0.1.
+  # kubelet refuses a loopback --node-ip, and left alone it would publish the host's own interface address. With
+  # --cloud-provider=external it publishes none and keeps what "the cloud" sets: we play that part, as a cloud
+  # controller manager would: InternalIP 127.0.0.1 (where the API server reaches it), then lift the
+  # uninitialized taint.
   kc patch node "$NODE" --subresource=status --type=merge \
     -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"127.0.0.1\"},{\"type\":\"Hostname\",\"address\":\"$NODE\"}]}}" >/dev/null
+  kc taint node "$NODE" node.cloudprovider.kubernetes.io/uninitialized- >/dev/null 2>&1 || true
   wait_for 60 "node $NODE Ready" node_ready || { tail -n 30 "$R/logs/kubelet.log" >&2; return 1; }
   log "node $NODE Ready in $((SECONDS - t0))s"
 }
 
-cmd_down_quiet() {
+cmd_down_quiet() { # each step is best effort: a failed one must not leave the rest undone
   [[ -d "$R" ]] || return 0
+  set +e
   stop_pid kubelet
   kill_containers
   # containerd's shims carry our containerd's address on their command line.
@@ -351,6 +378,7 @@ cmd_down_quiet() {
   remove_cgroups
   restore_host
   rm -rf "$R"
+  set -e
 }
 
 cmd_down() {

@@ -5,6 +5,11 @@
 #   FLJOB_TEST_KUBECONFIG  admin kubeconfig the tests use (exported here)
 #   FLJOB_TOOLS_BIN        dir holding kubectl, helm, ... (exported here)
 #   FLJOB_KEEP_CLUSTER=1   leave a cluster this run started running
+#   FLJOB_REAL_NODES       1 (default): the cluster gets its real node (kubelet + containerd + runc), the images are
+#                          built and imported (hack/images.sh), and the real-node tests run; 0: kwok only, and the
+#                          real-node tests say they did not run
+# When this run starts the cluster with a real node, it snapshots the host first (hack/host-state.sh) and, after
+# taking the cluster down, fails if anything the node changed on the host is left over.
 # Extra arguments are passed to cargo test (before the `--`).
 set -euo pipefail
 
@@ -12,6 +17,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 hack/tools.sh >/dev/null
+export FLJOB_REAL_NODES="${FLJOB_REAL_NODES:-1}"
+D="${FLJOB_CLUSTER_DIR:-/tmp/fljob-cluster}"
+SNAP="$(mktemp -d)"
 
 started=0
 cleanup() {
@@ -19,17 +27,40 @@ cleanup() {
   if ((started)) && [[ "${FLJOB_KEEP_CLUSTER:-0}" != 1 ]]; then
     echo "[test] taking down the cluster this run started" >&2
     hack/cluster.sh down || true
+    if [[ -f "$SNAP/before" ]]; then
+      hack/host-state.sh >"$SNAP/after"
+      if diff -u "$SNAP/before" "$SNAP/after" >"$SNAP/diff"; then
+        echo "[test] host check: after cluster-down the host is as before cluster-up ($(wc -l <"$SNAP/before") items compared)" >&2
+      else
+        echo "[test] host check FAILED: cluster-down left these changes on the host:" >&2
+        cat "$SNAP/diff" >&2
+        ((rc != 0)) || rc=1
+      fi
+    fi
   fi
+  rm -rf "$SNAP"
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if hack/cluster.sh status >/dev/null 2>&1; then
+if FLJOB_REAL_NODES=0 hack/cluster.sh status >/dev/null 2>&1; then
   echo "[test] reusing the running cluster" >&2
+  [[ "$FLJOB_REAL_NODES" != 1 ]] || hack/cluster.sh up
 else
   started=1
+  [[ "$FLJOB_REAL_NODES" != 1 ]] || hack/host-state.sh >"$SNAP/before"
   hack/cluster.sh up
+fi
+if [[ "$FLJOB_REAL_NODES" == 1 ]]; then
+  # The images the real-node tests run, built here (cached by content) and imported into the node's containerd.
+  t0=$SECONDS
+  hack/images.sh import "$D/realnode/containerd.sock" busybox worker operator >"$SNAP/images"
+  while read -r name ref _; do
+    export "FLJOB_IMAGE_${name^^}=$ref"
+  done <"$SNAP/images"
+  export FLJOB_REAL_NODE="${FLJOB_REAL_NODE_NAME:-real-node-0}"
+  echo "[test] real node $FLJOB_REAL_NODE; images ready in $((SECONDS - t0))s: $FLJOB_IMAGE_BUSYBOX $FLJOB_IMAGE_WORKER $FLJOB_IMAGE_OPERATOR" >&2
 fi
 
 FLJOB_TEST_KUBECONFIG="$(hack/cluster.sh kubeconfig)"

@@ -80,7 +80,7 @@ pub enum PodView<'a> {
 /// Side effects for the reconciler.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// Create the meta ConfigMap and the worker pod (after the status with the allocation is written).
+    /// Create the worker pod (after the status with the allocation is written).
     CreatePod,
     /// Set an annotation on the pod.
     AnnotatePod {
@@ -495,7 +495,11 @@ fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
             }
         }
         PodState::Unschedulable { since, message } => {
-            let timeout = site.and_then(|s| s.spec.pending_timeout_seconds).unwrap_or(DEFAULT_PENDING_TIMEOUT_SECONDS);
+            let timeout = cx.job
+                .spec
+                .pending_timeout_seconds
+                .or_else(|| site.and_then(|s| s.spec.pending_timeout_seconds))
+                .unwrap_or(DEFAULT_PENDING_TIMEOUT_SECONDS);
             let since = since.or_else(|| p.metadata.creation_timestamp.clone()).unwrap_or_else(|| cx.now.clone());
             match until(after_secs(&since, timeout), &cx.now) {
                 Some(wait) => {

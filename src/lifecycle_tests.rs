@@ -213,7 +213,7 @@ fn missing_secret_waits_with_backoff() {
 #[test]
 fn job_larger_than_the_site_fails_at_once() {
     let mut job = mk_job("huge", "site-a");
-    job.spec.resources = Some(Resources { gpus: Some(9), cpu: None, memory: None });
+    job.spec.resources = Some(Resources { gpus: Some(9), cpu: None, memory: None, ephemeral_storage: None });
     let s = site();
     let view = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote::default() };
     let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });

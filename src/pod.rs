@@ -1,8 +1,14 @@
-//! Pure: an FLJob and its FLSite -> the worker Pod and the ConfigMap carrying the job meta.
+//! Pure: an FLJob and its FLSite -> the worker Pod.
+//!
+//! The pod is what NVFlare 2.9's own Kubernetes launcher runs, with our entry point in front: an emptyDir workspace
+//! that the worker fills from its client parent at start (NVFlare's workspace transfer: `local/`, the app,
+//! `meta.json`) and whose results it uploads at the end, the startup kit from a Secret, credentials and the transfer
+//! token from the per-job Secret, `PYTHONPATH` to the app's `custom/`, and the downward-API file the entry point
+//! reads aborts from. No mount lands inside the workspace's job folder: the transfer must be able to write it.
 
 use crate::api::{DEFAULT_PYTHON, FLJob, FLSite, Resources};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
+    Capabilities, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
     PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
     SecurityContext, Volume, VolumeMount,
@@ -27,6 +33,10 @@ pub const INFO_DIR: &str = "/etc/fljob";
 pub const CONTAINER: &str = "worker";
 /// NVFlare's worker module.
 pub const WORKER_MODULE: &str = "nvflare.private.fed.app.client.worker_process";
+/// The default module the container runs: fljob-launcher's entry point, which runs [`WORKER_MODULE`] in-process.
+pub const ENTRY_MODULE: &str = "fljob_launcher.worker";
+/// Key of the credentials Secret holding NVFlare's workspace transfer token (optional: only with a parent).
+pub const TRANSFER_TOKEN_KEY: &str = "transferToken";
 /// Keys of the credentials Secret and the environment variables they become.
 pub const CREDENTIAL_ENV: [(&str, &str); 3] = [
     ("token", "NVFLARE_JOB_AUTH_TOKEN"),
@@ -61,12 +71,7 @@ pub fn pod_name(job: &FLJob) -> String {
     format!("{prefix}-{suffix}")
 }
 
-/// Name of the ConfigMap holding the job meta.
-pub fn meta_configmap_name(job: &FLJob) -> String {
-    format!("{}-meta", pod_name(job))
-}
-
-/// The resources a job runs with: its own, else its site's defaults.
+/// The resources a job asks for: its own, else its site's defaults.
 pub fn effective_resources(job: &FLJob, site: &FLSite) -> Resources {
     job.spec.resources.clone().or_else(|| site.spec.defaults.resources.clone()).unwrap_or_default()
 }
@@ -95,22 +100,14 @@ fn owned_meta(job: &FLJob, name: String) -> ObjectMeta {
     }
 }
 
-/// The ConfigMap that delivers the job meta to `<workspace>/<jobId>/meta.json`.
-pub fn meta_configmap(job: &FLJob) -> ConfigMap {
-    let meta = job.spec.meta.clone().unwrap_or_else(|| serde_json::json!({}));
-    ConfigMap {
-        metadata: owned_meta(job, meta_configmap_name(job)),
-        data: Some(BTreeMap::from([("meta.json".to_string(), meta.to_string())])),
-        ..ConfigMap::default()
-    }
-}
-
-/// The exact NVFlare 2.9 worker command line. Credentials are never on it: they travel as environment variables.
+/// The exact NVFlare 2.9 worker command line (behind the site's worker module, by default our entry point, which
+/// hands these arguments to NVFlare's unchanged). Credentials are never on it: they travel as environment variables.
 pub fn worker_command(job: &FLJob, site: &FLSite) -> Vec<String> {
     let s = &site.spec;
     let ws = s.workspace.mount_path.trim_end_matches('/').to_string();
     let python = s.defaults.python_path.clone().unwrap_or_else(|| DEFAULT_PYTHON.to_string());
-    let mut cmd: Vec<String> = vec![python, "-u".into(), "-m".into(), WORKER_MODULE.into()];
+    let module = s.defaults.worker_module.clone().unwrap_or_else(|| ENTRY_MODULE.to_string());
+    let mut cmd: Vec<String> = vec![python, "-u".into(), "-m".into(), module];
     let mut flag = |f: &str, v: String| {
         cmd.push(f.to_string());
         cmd.push(v);
@@ -143,6 +140,9 @@ fn requirements(res: &Resources) -> ResourceRequirements {
     if let Some(g) = res.gpus.filter(|g| *g > 0) {
         amounts.insert("nvidia.com/gpu".to_string(), Quantity(g.to_string()));
     }
+    if let Some(storage) = &res.ephemeral_storage {
+        amounts.insert("ephemeral-storage".to_string(), storage.clone());
+    }
     ResourceRequirements { requests: Some(amounts.clone()), limits: Some(amounts), ..Default::default() }
 }
 
@@ -170,8 +170,32 @@ pub fn build_pod(job: &FLJob, site: &FLSite) -> Result<Pod, BuildError> {
             ..Default::default()
         })
         .collect();
+    env.push(EnvVar {
+        name: "NVFL_WORKSPACE_TRANSFER_TOKEN".into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: creds.clone(), key: TRANSFER_TOKEN_KEY.into(), optional: Some(true) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    if let Some(owner) = &job.spec.workspace_owner {
+        env.push(EnvVar { name: "NVFL_WORKSPACE_OWNER_FQCN".into(), value: Some(owner.clone()), ..Default::default() });
+    }
+    let custom = format!("{ws}/{}/app_{}/custom", job.spec.job_id, site.spec.client_name);
+    env.push(EnvVar { name: "PYTHONPATH".into(), value: Some(custom), ..Default::default() });
     env.push(EnvVar { name: "PYTHONUNBUFFERED".into(), value: Some("1".into()), ..Default::default() });
-    env.extend(tspec.env.iter().filter(|e| !e.name.starts_with("NVFLARE_JOB_")).cloned());
+    env.push(EnvVar { name: "FLJOB_INFO_DIR".into(), value: Some(INFO_DIR.into()), ..Default::default() });
+    let reserved = |name: &str| {
+        name.starts_with("NVFLARE_JOB_") || name.starts_with("NVFL_WORKSPACE_") || name == "PYTHONPATH" || name == "FLJOB_INFO_DIR"
+    };
+    env.extend(tspec.env.iter().filter(|e| !reserved(&e.name)).cloned());
+    // What the site admitted, not what the spec says now: a later edit must not grow the pod past its allocation.
+    // (Ephemeral storage is not counted in the pool: it comes from the spec.)
+    let asked = effective_resources(job, site);
+    let res = match job.status.as_ref().and_then(|st| st.allocation.clone()) {
+        Some(admitted) => Resources { ephemeral_storage: asked.ephemeral_storage, ..admitted },
+        None => asked,
+    };
 
     let workspace_volume = match &site.spec.workspace.persistent_volume_claim {
         Some(claim) => Volume {
@@ -179,7 +203,11 @@ pub fn build_pod(job: &FLJob, site: &FLSite) -> Result<Pod, BuildError> {
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: claim.clone(), read_only: Some(false) }),
             ..Default::default()
         },
-        None => Volume { name: "workspace".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+        None => Volume {
+            name: "workspace".into(),
+            empty_dir: Some(EmptyDirVolumeSource { size_limit: res.ephemeral_storage.clone(), ..Default::default() }),
+            ..Default::default()
+        },
     };
     let mut volumes = vec![
         workspace_volume,
@@ -191,11 +219,6 @@ pub fn build_pod(job: &FLJob, site: &FLSite) -> Result<Pod, BuildError> {
                 optional: Some(false),
                 ..Default::default()
             }),
-            ..Default::default()
-        },
-        Volume {
-            name: "job-meta".into(),
-            config_map: Some(ConfigMapVolumeSource { name: meta_configmap_name(job), ..Default::default() }),
             ..Default::default()
         },
         Volume {
@@ -222,13 +245,6 @@ pub fn build_pod(job: &FLJob, site: &FLSite) -> Result<Pod, BuildError> {
     let mut mounts = vec![
         VolumeMount { name: "workspace".into(), mount_path: ws.clone(), ..Default::default() },
         VolumeMount { name: "startup-kit".into(), mount_path: format!("{ws}/startup"), read_only: Some(true), ..Default::default() },
-        VolumeMount {
-            name: "job-meta".into(),
-            mount_path: format!("{ws}/{}/meta.json", job.spec.job_id),
-            sub_path: Some("meta.json".into()),
-            read_only: Some(true),
-            ..Default::default()
-        },
         VolumeMount { name: "fljob-info".into(), mount_path: INFO_DIR.into(), read_only: Some(true), ..Default::default() },
     ];
     mounts.extend(tspec.volume_mounts.iter().cloned());
@@ -245,7 +261,7 @@ pub fn build_pod(job: &FLJob, site: &FLSite) -> Result<Pod, BuildError> {
         command: Some(worker_command(job, site)),
         working_dir: Some(ws.clone()),
         env: Some(env),
-        resources: Some(requirements(&effective_resources(job, site))),
+        resources: Some(requirements(&res)),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -298,7 +314,7 @@ mod tests {
         let mut job = mk_job("train-7", "site-a");
         job.spec.job_id = "3f2a9c10".into();
         job.spec.options = vec!["secure_train=true".into()];
-        job.spec.resources = Some(Resources { cpu: Some(Quantity("2".into())), memory: Some(Quantity("8Gi".into())), gpus: Some(1) });
+        job.spec.resources = Some(Resources { cpu: Some(Quantity("2".into())), memory: Some(Quantity("8Gi".into())), gpus: Some(1), ..Default::default() });
         let mut site = mk_site("site-a", Capacity::default());
         site.spec.parent_conn_sec = Some("clear".into());
         site.spec.defaults.python_path = Some("/usr/local/bin/python".into());
@@ -308,7 +324,7 @@ mod tests {
     #[test]
     fn command_line_is_nvflares_exactly() {
         let (job, site) = job_and_site();
-        let expected = "/usr/local/bin/python -u -m nvflare.private.fed.app.client.worker_process \
+        let expected = "/usr/local/bin/python -u -m fljob_launcher.worker \
             -m /var/tmp/nvflare/workspace -w /var/tmp/nvflare/workspace/startup -n 3f2a9c10 -c site-a \
             -p tcp://site-cp:8004 -g fl-server:8002 -scheme grpc --parent_conn_sec clear -s fed_client.json \
             --set secure_train=true print_conf=True";
@@ -345,7 +361,13 @@ mod tests {
         let mounts = c.volume_mounts.clone().unwrap();
         let at = |p: &str| mounts.iter().find(|m| m.mount_path == p).unwrap().clone();
         assert_eq!(at("/var/tmp/nvflare/workspace/startup").read_only, Some(true));
-        assert_eq!(at("/var/tmp/nvflare/workspace/3f2a9c10/meta.json").sub_path.as_deref(), Some("meta.json"));
+        // Nothing is mounted inside the workspace but the startup kit: the transfer writes <jobId>/ itself.
+        assert!(mounts.iter().all(|m| m.mount_path == "/var/tmp/nvflare/workspace/startup" || !m.mount_path.starts_with("/var/tmp/nvflare/workspace/")), "{mounts:?}");
+        let var = |n: &str| env.iter().find(|e| e.name == n).unwrap_or_else(|| panic!("no {n}")).clone();
+        assert_eq!(var("PYTHONPATH").value.as_deref(), Some("/var/tmp/nvflare/workspace/3f2a9c10/app_site-a/custom"));
+        let token = var("NVFL_WORKSPACE_TRANSFER_TOKEN").value_from.unwrap().secret_key_ref.unwrap();
+        assert_eq!((token.key.as_str(), token.optional), (TRANSFER_TOKEN_KEY, Some(true)));
+        assert!(env.iter().all(|e| e.name != "NVFL_WORKSPACE_OWNER_FQCN"), "no owner: no transfer");
         assert_eq!(at(INFO_DIR).name, "fljob-info");
         let sc = c.security_context.clone().unwrap();
         assert_eq!((sc.allow_privilege_escalation, sc.run_as_non_root), (Some(false), Some(true)));
@@ -387,11 +409,38 @@ mod tests {
     }
 
     #[test]
-    fn meta_goes_into_a_configmap() {
-        let (mut job, _) = job_and_site();
-        job.spec.meta = Some(serde_json::json!({"name": "cifar10", "min_clients": 2}));
-        let cm = meta_configmap(&job);
-        let meta: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["meta.json"]).unwrap();
-        assert_eq!(meta["name"], "cifar10");
+    fn workspace_owner_and_ephemeral_storage() {
+        let (mut job, site) = job_and_site();
+        job.spec.workspace_owner = Some("site-a".into());
+        job.spec.resources.as_mut().unwrap().ephemeral_storage = Some(Quantity("20Gi".into()));
+        let pod = build_pod(&job, &site).unwrap();
+        let spec = pod.spec.unwrap();
+        let env = spec.containers[0].env.clone().unwrap();
+        let owner = env.iter().find(|e| e.name == "NVFL_WORKSPACE_OWNER_FQCN").unwrap();
+        assert_eq!(owner.value.as_deref(), Some("site-a"));
+        let limits = spec.containers[0].resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits["ephemeral-storage"], Quantity("20Gi".into()));
+        let ws = spec.volumes.unwrap().into_iter().find(|v| v.name == "workspace").unwrap();
+        assert_eq!(ws.empty_dir.unwrap().size_limit, Some(Quantity("20Gi".into())));
+    }
+
+    #[test]
+    fn pod_is_built_from_the_admitted_allocation_not_the_current_spec() {
+        let (mut job, site) = job_and_site();
+        let admitted = Resources { cpu: Some(Quantity("1".into())), memory: Some(Quantity("1Gi".into())), gpus: None, ..Default::default() };
+        job.status = Some(crate::api::FLJobStatus { allocation: Some(admitted), ..Default::default() });
+        // spec.resources says 2 CPUs, 8Gi, 1 GPU; the site admitted 1 CPU and 1Gi.
+        let pod = build_pod(&job, &site).unwrap();
+        let limits = pod.spec.unwrap().containers[0].resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits.get("cpu"), Some(&Quantity("1".into())));
+        assert_eq!(limits.get("memory"), Some(&Quantity("1Gi".into())));
+        assert!(!limits.contains_key("nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn stock_nvflare_module_when_the_site_says_so() {
+        let (job, mut site) = job_and_site();
+        site.spec.defaults.worker_module = Some(WORKER_MODULE.into());
+        assert_eq!(worker_command(&job, &site)[3], WORKER_MODULE);
     }
 }

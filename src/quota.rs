@@ -286,7 +286,7 @@ mod tests {
             undecided: false,
             done: false,
             recorded: None,
-            resources: Resources { gpus: Some(gpus), cpu: Some(q("1")), memory: Some(q("1Gi")) },
+            resources: Resources { gpus: Some(gpus), cpu: Some(q("1")), memory: Some(q("1Gi")), ephemeral_storage: None },
         }
     }
 
@@ -356,7 +356,7 @@ mod tests {
         let cap = Capacity { jobs: Some(1), ..Default::default() };
         let mut running = view("running", 0, 0);
         running.wants_quota = false;
-        running.recorded = Some(Resources { gpus: Some(0), cpu: Some(q("1")), memory: None });
+        running.recorded = Some(Resources { gpus: Some(0), cpu: Some(q("1")), memory: None, ephemeral_storage: None });
         let mut finished = view("finished", 0, 0);
         finished.done = true;
         finished.recorded = running.recorded.clone(); // released by the site, not yet cleared on the job

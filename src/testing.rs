@@ -27,7 +27,8 @@ pub fn mk_site(name: &str, capacity: Capacity) -> FLSite {
             defaults: SiteDefaults {
                 image: "nvflare/nvflare:2.9.0".into(),
                 python_path: None,
-                resources: Some(Resources { cpu: Some(Quantity("1".into())), memory: Some(Quantity("2Gi".into())), gpus: None }),
+                resources: Some(Resources { cpu: Some(Quantity("1".into())), memory: Some(Quantity("2Gi".into())), gpus: None, ephemeral_storage: None }),
+                worker_module: None,
             },
             capacity,
             pending_timeout_seconds: None,
@@ -49,6 +50,8 @@ pub fn mk_job(name: &str, site: &str) -> FLJob {
             options: vec![],
             resources: None,
             credentials_secret: None,
+            workspace_owner: None,
+            pending_timeout_seconds: None,
             abort: false,
             abort_grace_period_seconds: None,
             active_deadline_seconds: None,

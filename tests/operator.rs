@@ -300,7 +300,7 @@ async fn api_server_validates_bad_input() {
     j.spec.options = vec!["no equals sign".into()];
     reject(j, &["key=value"]).await;
     let mut j = job("bad-cpu", &[]);
-    j.spec.resources = Some(Resources { cpu: Some(Quantity("lots".into())), memory: None, gpus: None });
+    j.spec.resources = Some(Resources { cpu: Some(Quantity("lots".into())), memory: None, gpus: None, ephemeral_storage: None });
     reject(j, &["cpu", "quantity"]).await;
     let mut j = job("bad-grace", &[]);
     j.spec.abort_grace_period_seconds = Some(-1);

@@ -340,7 +340,7 @@ async fn lowering_capacity_evicts_nothing_and_a_job_too_big_fails_at_once() {
         assert_eq!(st(&env.jobs.get(n).await.unwrap()).phase, Phase::Running, "{n} keeps running");
     }
     let mut big = job("big", &[]);
-    big.spec.resources = Some(Resources { gpus: Some(3), cpu: None, memory: None });
+    big.spec.resources = Some(Resources { gpus: Some(3), cpu: None, memory: None, ephemeral_storage: None });
     env.create(&big).await;
     let j = wait_job(&env.jobs, "big", 30, finished).await;
     assert_eq!((st(&j).phase, st(&j).reason.as_deref()), (Phase::Failed, Some("ExceedsCapacity")));

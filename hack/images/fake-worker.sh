@@ -23,8 +23,11 @@ info=${FLJOB_INFO_DIR:-/etc/fljob}/annotations
 echo "fake-worker: uid=$(id -u) gid=$(id -g) pid=$$ args: $*"
 if [ "$on_term" = ignore ]; then trap '' TERM; else trap 'echo "fake-worker: SIGTERM"; exit 143' TERM; fi
 if [ "$memory_mb" -gt 0 ]; then
+  # After a moment, as a real worker would (containerd watches for OOM only once the container has started).
+  sleep 1
   echo "fake-worker: allocating ${memory_mb} MiB"
-  dd if=/dev/zero of=/dev/null bs="${memory_mb}M" count=1 2>&1
+  # The worker process itself grows (exec): under a smaller limit the kernel OOM-kills the container's main process.
+  exec dd if=/dev/zero of=/dev/null bs="${memory_mb}M" count=1
 fi
 ticks=0
 while :; do

@@ -62,10 +62,23 @@ pub struct FLJobSpec {
     /// The site's default resources when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
-    /// Secret with keys `token`, `signature`, `ssid` for this job only; the site's `credentialsSecret` when absent.
+    /// Secret with keys `token`, `signature`, `ssid` (and `transferToken` with `workspaceOwner`) for this job only;
+    /// the site's `credentialsSecret` when absent. The launcher creates one per job, so it never goes stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,
+    /// FQCN of the NVFlare client parent that holds this job's workspace (`local/`, the app, `meta.json`) and takes
+    /// its results back: the worker downloads them at start and uploads at the end (NVFlare 2.9's workspace
+    /// transfer, `NVFL_WORKSPACE_OWNER_FQCN`). The launcher sets it, with the transfer token in the credentials
+    /// Secret (key `transferToken`). Unset: no transfer; the site's workspace volume must already hold them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._@-]*$"))]
+    pub workspace_owner: Option<String>,
+    /// How long the pod may take to start before the job fails (image pull, scheduling, volumes), overriding the
+    /// site's `pendingTimeoutSeconds` (NVFlare's `launcher_spec[site].k8s.pending_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub pending_timeout_seconds: Option<i64>,
     /// Set true to abort the job (NVFlare App-scope abort): the worker is told through the pod annotation
     /// `fljob.dev/abort`, gets `abortGracePeriodSeconds` to stop by itself, then its pod is deleted. Cannot be undone.
     #[serde(default)]
@@ -182,12 +195,12 @@ pub struct PodTemplateSpec {
     /// Extra environment of the worker. The NVFLARE_JOB_* credential variables come from the credentials Secret only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "env_list")]
-    #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('NVFLARE_JOB_'))").message("NVFLARE_JOB_* variables come from the credentials Secret; set spec.credentialsSecret instead"))]
+    #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('NVFLARE_JOB_') && !e.name.startsWith('NVFL_WORKSPACE_'))").message("NVFLARE_JOB_* and NVFL_WORKSPACE_* variables are the operator's: they come from the credentials Secret and spec.workspaceOwner"))]
     pub env: Vec<EnvVar>,
     /// Extra volumes of the pod (core/v1 Volumes, validated by the API server when the pod is created).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "opaque_volumes")]
-    #[x_kube(validation = Rule::new("self.all(v, !(v.name in ['workspace', 'startup-kit', 'fljob-info', 'job-meta']))").message("volume names workspace, startup-kit, fljob-info and job-meta are the operator's"))]
+    #[x_kube(validation = Rule::new("self.all(v, !(v.name in ['workspace', 'startup-kit', 'fljob-info']))").message("volume names workspace, startup-kit and fljob-info are the operator's"))]
     pub volumes: Vec<Volume>,
     /// Extra volume mounts of the worker container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -143,6 +143,14 @@ pub struct SiteDefaults {
     /// Resources of a job that does not ask for its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// Python module the worker container runs (default `fljob_launcher.worker`, the entry point shipped in the
+    /// `fljob-launcher` package: it runs NVFlare's worker in-process and turns SIGTERM and the operator's abort
+    /// annotation into NVFlare's own ABORT, so aborts are graceful). Set
+    /// `nvflare.private.fed.app.client.worker_process` for an image without `fljob-launcher`; that worker ignores
+    /// SIGTERM as PID 1, so every abort then ends at the grace period with a kill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_.]*$"))]
+    pub worker_module: Option<String>,
 }
 
 /// A site's quota pool; an absent key is unlimited.

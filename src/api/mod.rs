@@ -34,6 +34,11 @@ pub struct Resources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1024))]
     pub gpus: Option<i32>,
+    /// Ephemeral storage for the worker (`20Gi`): its request and limit, and the size limit of the workspace
+    /// emptyDir (NVFlare's `launcher_spec[site].k8s.ephemeral_storage`). Not counted against the site's pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0").message("ephemeralStorage must be a non-negative Kubernetes quantity such as 20Gi"))]
+    pub ephemeral_storage: Option<Quantity>,
 }
 
 /// The CRDs as committed under `crds/`: (file name, YAML).

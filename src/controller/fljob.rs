@@ -9,7 +9,7 @@ use crate::metrics::AbortLabels;
 use crate::pod::{self, CREDENTIAL_ENV};
 use crate::{Error, Result, kube_err};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -247,15 +247,9 @@ fn fail_rejected(st: &mut FLJobStatus, message: &str) {
     crate::api::set_condition(&mut st.conditions, c);
 }
 
-/// Creates the meta ConfigMap and the pod. Ok(Some(message)) when the API server refuses the pod for good.
+/// Creates the pod. Ok(Some(message)) when the API server refuses the pod for good.
 async fn create_pod(ctx: &Context, job: &FLJob, site: &FLSite) -> Result<Option<String>> {
     let ns = job.namespace().unwrap_or_default();
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    cms.create(&PostParams::default(), &pod::meta_configmap(job))
-        .await
-        .map(|_| ())
-        .or_else(ok_if(&[409]))
-        .map_err(kube_err("create meta configmap"))?;
     let built = match pod::build_pod(job, site) {
         Ok(p) => p,
         Err(e) => return Ok(Some(e.to_string())),

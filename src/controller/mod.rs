@@ -141,7 +141,7 @@ pub fn affected_by_site(job: &FLJob, site: &FLSite) -> bool {
 
 /// An allocation as job resources.
 pub fn allocation_resources(a: &crate::api::Allocation) -> Resources {
-    Resources { cpu: a.cpu.clone(), memory: a.memory.clone(), gpus: Some(a.gpus) }
+    Resources { cpu: a.cpu.clone(), memory: a.memory.clone(), gpus: Some(a.gpus), ephemeral_storage: None }
 }
 
 /// Options of [`run`].

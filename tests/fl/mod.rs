@@ -186,7 +186,8 @@ pub fn site(capacity: Capacity) -> FLSite {
             defaults: SiteDefaults {
                 image: "nvflare/nvflare:2.9.0".into(),
                 python_path: None,
-                resources: Some(Resources { cpu: Some(Quantity("1".into())), memory: Some(Quantity("1Gi".into())), gpus: None }),
+                resources: Some(Resources { cpu: Some(Quantity("1".into())), memory: Some(Quantity("1Gi".into())), gpus: None, ephemeral_storage: None }),
+                worker_module: None,
             },
             capacity,
             pending_timeout_seconds: None,
@@ -217,6 +218,8 @@ pub fn job(name: &str, sim: &[(&str, &str)]) -> FLJob {
             options: vec!["secure_train=false".into()],
             resources: None,
             credentials_secret: None,
+            workspace_owner: None,
+            pending_timeout_seconds: None,
             abort: false,
             abort_grace_period_seconds: None,
             active_deadline_seconds: None,
