@@ -19,6 +19,7 @@
 # Cache: ${FLJOB_IMAGES_CACHE:-<tools cache root>/images}/NAME-<digest>.tar. The digest covers every input of an
 # image (recipe, sources, package versions, binary), so a change rebuilds just that image.
 set -euo pipefail
+shopt -s inherit_errexit
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HERE="$ROOT/hack/images"
@@ -151,7 +152,6 @@ operator_bin() { # builds the static release binary; prints its path
 }
 OPERATOR_BIN=""
 key_operator() {
-  [[ -n "$OPERATOR_BIN" ]] || OPERATOR_BIN="$(operator_bin)"
   { recipe_of build_operator pack; cat "$ROOT/Dockerfile" "$OPERATOR_BIN"; } | digest
 }
 build_operator() {
@@ -181,6 +181,7 @@ ref_of() { # ref_of NAME KEY
 build_one() { # build_one NAME -> prints "NAME REF TAR"
   local name="$1" key ref tar
   case "$name" in pause|busybox|worker|operator) ;; *) die "unknown image: $name" ;; esac
+  if [[ "$name" == operator ]]; then OPERATOR_BIN="$(operator_bin)"; fi
   key="$("key_$name")"
   ref="$(ref_of "$name" "$key")"
   tar="$CACHE/$name-$key.tar"

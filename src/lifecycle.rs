@@ -531,6 +531,17 @@ fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
                 cx.requeue_in(wait.max(Duration::from_millis(100)));
             }
         }
+        PodState::Exited { code, oom_killed: false, ran: false, message, .. } if code != 0 && !is_true(&cx.st.conditions, cond::STARTED) => {
+            // The runtime could not start the process at all (StartError, ContainerCannotRun: a wrong pythonPath,
+            // a missing binary): the worker never ran, so this is the infrastructure's failure, not the job's.
+            let detail = message.map(|m| format!(": {m}")).unwrap_or_default();
+            cx.finish(Outcome {
+                phase: Phase::Failed,
+                reason: Some("InfrastructureError"),
+                exit_code: code::INFRASTRUCTURE_ERROR,
+                message: format!("the worker container could not be started (exit {code}); check the site's image and pythonPath{detail}"),
+            });
+        }
         PodState::Exited { code, oom_killed, ran, message, .. } => {
             let started = ran || is_true(&cx.st.conditions, cond::STARTED);
             cx.finish(exit_outcome(code, oom_killed, started, message.as_deref()));

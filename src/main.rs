@@ -79,7 +79,7 @@ fn init_tracing(format: LogFormat) {
 
 struct Http {
     registry: Registry,
-    ready: AtomicBool,
+    ready: Arc<AtomicBool>,
 }
 
 async fn serve_metrics(State(s): State<Arc<Http>>) -> impl IntoResponse {
@@ -137,7 +137,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         }))
         .build();
 
-    let http = Arc::new(Http { registry, ready: AtomicBool::new(false) });
+    let ready = Arc::new(AtomicBool::new(false));
+    let http = Arc::new(Http { registry, ready: ready.clone() });
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -152,9 +153,9 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     });
 
     let identity = identity();
-    let opts = Options { namespace: args.namespace.clone(), identity: identity.clone(), concurrency: args.concurrency };
+    // Ready once the caches are synced (the controllers set it), or while standing by for the lease.
+    let opts = Options { namespace: args.namespace.clone(), identity: identity.clone(), concurrency: args.concurrency, ready: ready.clone() };
     if !args.leader_elect {
-        http.ready.store(true, Ordering::Relaxed);
         metrics.leader.set(1);
         controller::run(client, metrics, opts).await;
         return Ok(());
@@ -168,6 +169,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         _ = fljob_operator::shutdown_signal() => return Ok(()),
     }
     metrics.leader.set(1);
+    // The new leader is ready again once its caches are synced.
+    http.ready.store(false, Ordering::Relaxed);
     tokio::select! {
         _ = controller::run(client, metrics.clone(), opts) => {
             elector.release().await;

@@ -1,7 +1,7 @@
 //! Pure: what a worker Pod shows -> what it means for the job: NVFlare's exit-code taxonomy and client status words.
 
 use crate::api::Phase;
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// NVFlare's ClientStatus words.
@@ -77,9 +77,21 @@ pub enum PodState {
     Lost { reason: String, message: String },
 }
 
+/// The worker container's status, found by name: an injected sidecar (a service mesh proxy, a Vault agent) must
+/// never be read as the worker.
+fn worker_status(pod: &Pod) -> Option<&ContainerStatus> {
+    pod.status.as_ref()?.container_statuses.as_ref()?.iter().find(|s| s.name == crate::pod::CONTAINER)
+}
+
 fn terminated_of(pod: &Pod) -> Option<&ContainerStateTerminated> {
-    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    statuses.iter().find_map(|s| s.state.as_ref()?.terminated.as_ref())
+    worker_status(pod)?.state.as_ref()?.terminated.as_ref()
+}
+
+/// The pod condition Kubernetes sets when it disrupts a pod on purpose (drain, Eviction API, preemption, taint
+/// manager, node shutdown), with its reason and message.
+fn disruption_of(pod: &Pod) -> Option<(String, String)> {
+    let c = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
+    Some((c.reason.clone().unwrap_or_else(|| "DisruptionTarget".into()), c.message.clone().unwrap_or_default()))
 }
 
 /// Reads the worker pod's state from its phase, conditions and container statuses.
@@ -88,6 +100,13 @@ pub fn pod_state(pod: &Pod) -> PodState {
     let phase = status.phase.as_deref().unwrap_or("Pending");
     if status.reason.as_deref() == Some("Evicted") {
         return PodState::Evicted { message: status.message.unwrap_or_else(|| "the pod was evicted".into()) };
+    }
+    // Drained, evicted through the Eviction API or preempted: an eviction, however the container then ended.
+    if let Some((reason, message)) = disruption_of(pod)
+        && (phase == "Failed" || terminated_of(pod).is_some() || pod.metadata.deletion_timestamp.is_some())
+    {
+        let message = if message.is_empty() { format!("the pod was disrupted ({reason})") } else { format!("{reason}: {message}") };
+        return PodState::Evicted { message };
     }
     if let Some(t) = terminated_of(pod)
         && (phase == "Succeeded" || phase == "Failed" || t.finished_at.is_some()) {
@@ -115,11 +134,7 @@ pub fn pod_state(pod: &Pod) -> PodState {
         }
         _ => {}
     }
-    let running = status
-        .container_statuses
-        .iter()
-        .flatten()
-        .find_map(|s| s.state.as_ref()?.running.as_ref());
+    let running = worker_status(pod).and_then(|s| s.state.as_ref()?.running.as_ref());
     if let Some(r) = running {
         return PodState::Running { started_at: r.started_at.clone() };
     }
@@ -134,11 +149,7 @@ pub fn pod_state(pod: &Pod) -> PodState {
             message: c.message.clone().unwrap_or_else(|| "no node can hold the pod".into()),
         };
     }
-    let waiting = status
-        .container_statuses
-        .iter()
-        .flatten()
-        .find_map(|s| s.state.as_ref()?.waiting.as_ref());
+    let waiting = worker_status(pod).and_then(|s| s.state.as_ref()?.waiting.as_ref());
     PodState::Waiting {
         reason: waiting.and_then(|w| w.reason.clone()),
         message: waiting.and_then(|w| w.message.clone()),
@@ -204,5 +215,54 @@ pub fn client_status_of(phase: Phase) -> &'static str {
         Phase::Running | Phase::Aborting => client_status::STARTED,
         Phase::Succeeded | Phase::Aborted => client_status::STOPPED,
         Phase::Failed => client_status::EXCEPTION,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_worker_is_found_by_name_not_position() {
+        // A sidecar injected before the worker: its state must not be read as the worker's.
+        let p = pod(serde_json::json!({"status": {"phase": "Running", "containerStatuses": [
+            {"name": "istio-proxy", "image": "x", "imageID": "", "ready": true, "restartCount": 0,
+             "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}},
+            {"name": "worker", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "no key"}}},
+        ]}}));
+        assert_eq!(pod_state(&p), PodState::Waiting { reason: Some("CreateContainerConfigError".into()), message: Some("no key".into()) });
+        // A sidecar that ended first does not end the job with its exit code.
+        let p = pod(serde_json::json!({"status": {"phase": "Running", "containerStatuses": [
+            {"name": "vault-agent", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"terminated": {"exitCode": 2, "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:01Z"}}},
+            {"name": "worker", "image": "x", "imageID": "", "ready": true, "restartCount": 0,
+             "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}},
+        ]}}));
+        assert!(matches!(pod_state(&p), PodState::Running { .. }), "{:?}", pod_state(&p));
+    }
+
+    #[test]
+    fn disruptions_are_evictions() {
+        for reason in ["EvictionByEvictionAPI", "PreemptionByScheduler", "DeletionByTaintManager", "TerminationByKubelet"] {
+            let p = pod(serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:02Z"}, "status": {"phase": "Failed",
+                "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "drained"}],
+                "containerStatuses": [{"name": "worker", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 143, "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:01Z"}}}]}}));
+            assert_eq!(pod_state(&p), PodState::Evicted { message: format!("{reason}: drained") }, "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_container_that_never_started_did_not_run() {
+        let p = pod(serde_json::json!({"status": {"phase": "Failed", "containerStatuses": [
+            {"name": "worker", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"terminated": {"exitCode": 128, "reason": "StartError", "message": "exec: \"/nope/python\": no such file",
+                 "startedAt": "1970-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:01Z"}}}]}}));
+        assert!(matches!(pod_state(&p), PodState::Exited { code: 128, ran: false, .. }), "{:?}", pod_state(&p));
     }
 }

@@ -376,7 +376,7 @@ async fn chart_rbac_scope() -> Result<()> {
         ("list", "fljob.dev/flsites"), ("watch", "fljob.dev/flsites"), ("patch", "fljob.dev/fljobs/status"),
         ("update", "fljob.dev/flsites/status"), ("update", "fljob.dev/fljobs/finalizers"),
         ("get", "pods"), ("list", "pods"), ("watch", "pods"), ("create", "pods"), ("patch", "pods"), ("delete", "pods"),
-        ("create", "configmaps"), ("get", "secrets"), ("create", "events.k8s.io/events"), ("patch", "events.k8s.io/events"),
+        ("get", "secrets"), ("create", "events.k8s.io/events"), ("patch", "events.k8s.io/events"),
     ];
     for (verb, resource) in needed {
         ensure!(can(verb, resource, here, None).await?, "namespaced install: SA cannot {verb} {resource}");
@@ -386,7 +386,7 @@ async fn chart_rbac_scope() -> Result<()> {
         ("list", "secrets", here), ("watch", "secrets", here), ("update", "secrets", here),
         ("create", "fljob.dev/fljobs", here), ("update", "fljob.dev/fljobs", here), ("patch", "fljob.dev/flsites", here),
         ("delete", "fljob.dev/flsites", here), ("update", "pods", here), ("get", "configmaps", here),
-        ("delete", "configmaps", here), ("create", "events", here), ("create", "coordination.k8s.io/leases", here),
+        ("create", "configmaps", here), ("delete", "configmaps", here), ("create", "events", here), ("create", "coordination.k8s.io/leases", here),
         ("get", "fljob.dev/fljobs", here), ("get", "fljob.dev/flsites", here),
         ("list", "fljob.dev/fljobs", Some("default")), ("create", "pods", Some("default")), ("list", "fljob.dev/fljobs", None),
     ] {

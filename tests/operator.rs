@@ -341,6 +341,22 @@ async fn kubectl_shows_useful_columns_and_explains_fields() {
     }
     let out = common::kubectl().args(["get", "fls", "-n", env.ns.name()]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).lines().next().unwrap().contains("MAX-JOBS"));
+    // Every form a user types names one object or kind: singular, plural, short name, group-qualified; the
+    // category `fl` lists both kinds.
+    let ns = env.ns.name();
+    for args in [
+        vec!["get", "fljob", "row"], vec!["get", "fljobs", "row"], vec!["get", "flj", "row"], vec!["get", "fljob.fljob.dev", "row"],
+        vec!["describe", "fljob", "row"], vec!["get", "flsite", "site-a"], vec!["describe", "flsite", "site-a"], vec!["get", "fls", "site-a"],
+        vec!["get", "fl"],
+    ] {
+        let out = common::kubectl().args(&args).args(["-n", ns]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let want = if args[1].starts_with("fls") || args[1] == "flsite" { "site-a" } else { "row" };
+        assert!(text.contains(want), "kubectl {args:?}: {text}");
+    }
+    let all = String::from_utf8_lossy(&common::kubectl().args(["get", "fl", "-n", ns]).output().unwrap().stdout).into_owned();
+    assert!(all.contains("fljob.fljob.dev/row") && all.contains("flsite.fljob.dev/site-a"), "{all}");
     let out = common::kubectl().args(["explain", "fljob.spec.abort"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(text.contains("abort the job") && text.contains("abortGracePeriodSeconds"), "{text}");
@@ -385,5 +401,48 @@ async fn a_pod_the_api_server_refuses_fails_the_job_with_config_error() {
     let next = wait_job(&jobs, "next", 60, finished).await;
     assert_eq!(st(&next).phase, Phase::Succeeded);
     let env = Env { client, ns, op, jobs };
+    env.done().await;
+}
+
+/// `/readyz` answers 200 only once the caches have synced: an operator whose API server cannot be reached is live
+/// (`/healthz`) but never ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_synced_caches() {
+    let admin = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
+    let server = admin.lines().find_map(|l| l.trim().strip_prefix("server: ")).unwrap().to_string();
+    let closed = format!("https://127.0.0.1:{}", free_port());
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("readyz");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("unreachable.kubeconfig");
+    std::fs::write(&bad, admin.replace(&server, &closed)).unwrap();
+    let op = Operator::start_with("readyz-nowhere", bad, &[]);
+    let base = format!("http://127.0.0.1:{}", op.metrics_port);
+    let mut live = false;
+    for _ in 0..50 {
+        if http_get(&format!("{base}/healthz")).await.is_ok() {
+            live = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(live, "the operator serves /healthz:\n{}", op.logs());
+    for _ in 0..15 {
+        let r = http_get(&format!("{base}/readyz")).await;
+        assert!(r.as_ref().is_err_and(|e| e.to_string().contains("503")), "ready without caches: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(op);
+    let env = Env::new("readyz", Capacity::default()).await;
+    let url = format!("http://127.0.0.1:{}/readyz", env.op.metrics_port);
+    let mut ready = false;
+    for _ in 0..100 {
+        if http_get(&url).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "never ready:\n{}", env.op.logs());
+    assert!(env.op.logs().contains("caches synced; ready"));
     env.done().await;
 }

@@ -249,3 +249,98 @@ async fn real_restricted_pod_runs_non_root_with_logs_and_exec() {
     let _ = env.jobs.get(&j.name_any()).await;
     env.done().await;
 }
+
+fn run_tool(name: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(common::tool(name))
+        .args(args)
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .output()
+        .expect("run tool");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name} {}:\n{text}", args.join(" "));
+    text
+}
+
+/// The chart's operator pod, from the image built here, runs on the real node: it becomes Ready through its real
+/// `/readyz`, wins the chart's Lease from inside the pod, and runs a job to completion as the chart's
+/// ServiceAccount (the only credentials the pod has), with the job's worker a real container too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_chart_operator_pod_runs_a_job_in_cluster() {
+    let Some(node) = real_node() else { return };
+    install_crds();
+    let client = common::client().await;
+    let ns = namespace_with_labels(&client, "real-chart", &[("pod-security.kubernetes.io/enforce", "restricted")]).await;
+    let name = ns.name().to_string();
+    let operator = image("operator");
+    let (repo, tag) = operator.rsplit_once(':').expect("image ref with a tag");
+    let port = free_port();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("real-chart-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let values = dir.join("values.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            r#"replicaCount: 1
+image: {{repository: "{repo}", tag: "{tag}", pullPolicy: IfNotPresent}}
+metrics: {{port: {port}}}
+leaderElection: {{enabled: true}}
+nodeSelector: {{fljob.dev/real-node: "true"}}
+tolerations: [{{key: fljob.dev/real-node, operator: Equal, value: "true", effect: NoSchedule}}]
+site:
+  create: true
+  spec:
+    clientName: site-a
+    server: {{target: "127.0.0.1:8002", scheme: grpc}}
+    parentUrl: "tcp://127.0.0.1:8004"
+    credentialsSecret: site-a-creds
+    startupKitSecret: site-a-startup
+    defaults: {{image: "{busybox}", pythonPath: /bin/fake-worker, resources: {{cpu: 100m, memory: 64Mi}}}}
+    capacity: {{jobs: 2}}
+"#,
+            busybox = image("busybox"),
+        ),
+    )
+    .unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = ns.api();
+    for s in [secret("site-a-startup", &["fed_client.json"]), secret("site-a-creds", &["token", "signature", "ssid"])] {
+        secrets.create(&Default::default(), &s).await.unwrap();
+    }
+    let t0 = Instant::now();
+    run_tool("helm", &["install", "fljob-operator", concat!(env!("CARGO_MANIFEST_DIR"), "/charts/fljob-operator"), "-n", &name, "-f", values.to_str().unwrap(), "--wait", "--timeout", "180s"]);
+    let ready = t0.elapsed().as_secs_f64();
+    let pods: Api<Pod> = ns.api();
+    let op_pods = pods.list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=fljob-operator")).await.unwrap();
+    assert_eq!(op_pods.items.len(), 1, "one operator pod");
+    let op_pod = &op_pods.items[0];
+    let op_name = op_pod.name_any();
+    assert_eq!(op_pod.spec.as_ref().unwrap().node_name.as_deref(), Some(node.as_str()), "the operator runs on the real node");
+    let ready_cond = op_pod.status.as_ref().unwrap().conditions.as_ref().unwrap().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    assert!(ready_cond, "Ready through its /readyz probe: {:?}", op_pod.status);
+    println!("real chart: operator pod {op_name} Ready on {node} {ready:.1}s after helm install");
+
+    let mut j = real_job("in-cluster", &["exit_code=0", "run_seconds=2"]);
+    j.spec.site = "site-a".into();
+    env_jobs(&client, &name).create(&Default::default(), &j).await.unwrap();
+    let done = wait_job(&env_jobs(&client, &name), "in-cluster", 120, finished).await;
+    let s = st(&done);
+    assert_eq!((s.phase, s.exit_code), (Phase::Succeeded, Some(0)), "{s:#?}");
+    let worker = pods.get(s.pod_name.as_deref().unwrap()).await.unwrap();
+    assert_eq!(worker.spec.as_ref().unwrap().node_name.as_deref(), Some(node.as_str()));
+    // Leader election ran in the pod: the chart's Lease names it.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
+    let lease = leases.get("fljob-operator").await.expect("the chart's Lease");
+    let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    assert!(holder.contains(&op_name), "Lease holder {holder:?} is the operator pod {op_name}");
+    // It worked with the chart's ServiceAccount only: nothing was forbidden.
+    let logs = run_tool("kubectl", &["-n", &name, "logs", &op_name]);
+    assert!(!logs.to_lowercase().contains("forbidden"), "{logs}");
+    println!("real chart: job Succeeded in {:.1}s, Lease held by {holder}", t0.elapsed().as_secs_f64() - ready);
+    env_jobs(&client, &name).delete("in-cluster", &Default::default()).await.unwrap();
+    common::wait_gone(&env_jobs(&client, &name), "in-cluster", std::time::Duration::from_secs(60)).await.unwrap();
+    run_tool("helm", &["uninstall", "fljob-operator", "-n", &name, "--wait", "--timeout", "120s"]);
+    ns.cleanup().await;
+}
+
+fn env_jobs(client: &kube::Client, ns: &str) -> Api<FLJob> {
+    Api::namespaced(client.clone(), ns)
+}

@@ -25,7 +25,7 @@ pub const ABORT_ANNOTATION: &str = "fljob.dev/abort";
     namespaced,
     status = "FLJobStatus",
     shortname = "flj",
-    category = "fljob",
+    category = "fl",
     printcolumn(name = "Site", type_ = "string", json_path = ".spec.site", description = "FLSite the job runs at"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
     printcolumn(name = "Client-Status", type_ = "string", json_path = ".status.clientStatus", description = "NVFlare client status"),

@@ -23,7 +23,7 @@ pub const DEFAULT_PYTHON: &str = "python";
     namespaced,
     status = "FLSiteStatus",
     shortname = "fls",
-    category = "fljob",
+    category = "fl",
     printcolumn(name = "Client", type_ = "string", json_path = ".spec.clientName", description = "NVFlare client name"),
     printcolumn(name = "Jobs", type_ = "integer", json_path = ".status.used.jobs", description = "Jobs holding quota"),
     printcolumn(name = "Max-Jobs", type_ = "integer", json_path = ".spec.capacity.jobs", description = "Job capacity"),

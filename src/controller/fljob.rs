@@ -50,7 +50,8 @@ pub fn controller(
 /// Reconciles one FLJob.
 #[instrument(skip(job, ctx), fields(fljob = %job.name_any(), namespace = job.namespace().unwrap_or_default(), site = %job.spec.site))]
 pub async fn reconcile(job: Arc<FLJob>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.measured("fljob", reconcile_inner(&job, &ctx)).await
+    let key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+    ctx.measured("fljob", &key, reconcile_inner(&job, &ctx)).await
 }
 
 async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
@@ -312,5 +313,5 @@ async fn publish(ctx: &Context, job: &FLJob, note: &Note) {
 
 /// Retries: a conflict at once (fresh data is already on its way), anything else with a growing delay.
 pub fn error_policy(job: Arc<FLJob>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.retry("fljob", &job.name_any(), error)
+    ctx.retry("fljob", &format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any()), error)
 }

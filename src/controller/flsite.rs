@@ -34,7 +34,8 @@ pub fn controller(ctx: Arc<Context>, sites: Trigger<FLSite>, jobs: Trigger<FLJob
 /// Reconciles one site's ledger.
 #[instrument(skip(site, ctx), fields(site = %site.name_any(), namespace = site.namespace().unwrap_or_default()))]
 pub async fn reconcile(site: Arc<FLSite>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.measured("flsite", reconcile_inner(&site, &ctx)).await
+    let key = format!("{}/{}", site.namespace().unwrap_or_default(), site.name_any());
+    ctx.measured("flsite", &key, reconcile_inner(&site, &ctx)).await
 }
 
 async fn reconcile_inner(site: &FLSite, ctx: &Context) -> Result<Action> {
@@ -101,5 +102,5 @@ fn export(ctx: &Context, ns: &str, name: &str, site: &FLSite, st: &FLSiteStatus)
 
 /// Retries: a conflict at once, anything else after a pause.
 pub fn error_policy(site: Arc<FLSite>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.retry("flsite", &site.name_any(), error)
+    ctx.retry("flsite", &format!("{}/{}", site.namespace().unwrap_or_default(), site.name_any()), error)
 }

@@ -35,6 +35,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Consecutive failed reconciles per object (`controller/namespace/name`), for the retry backoff. Only retry
+    /// pacing lives here: losing it on a restart just starts the backoff over.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// How many of the three caches have completed their first list.
     pub synced: tokio::sync::watch::Receiver<u8>,
 }
@@ -48,8 +51,9 @@ impl Context {
         let _ = rx.wait_for(|n| *n >= 3).await;
     }
 
-    /// Runs one reconcile once the caches are synced, counting it and timing it.
-    pub async fn measured<F>(&self, controller: &str, reconcile: F) -> crate::Result<kube::runtime::controller::Action>
+    /// Runs one reconcile once the caches are synced, counting it and timing it; a success resets the object's
+    /// retry backoff.
+    pub async fn measured<F>(&self, controller: &str, key: &str, reconcile: F) -> crate::Result<kube::runtime::controller::Action>
     where
         F: std::future::Future<Output = crate::Result<kube::runtime::controller::Action>>,
     {
@@ -59,25 +63,31 @@ impl Context {
         self.metrics.reconciles.get_or_create(&labels).inc();
         let result = reconcile.await;
         self.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&format!("{controller}/{key}"));
+        }
         result
     }
 
-    /// What to do after a failed reconcile: a conflict is retried at once (fresh data is already on its way),
-    /// anything else after a pause.
-    pub fn retry(&self, controller: &str, name: &str, error: &crate::Error) -> kube::runtime::controller::Action {
+    /// What to do after a failed reconcile: a growing delay with jitter, per object (a conflict starts lower:
+    /// fresh data is already on its way), reset by the next success.
+    pub fn retry(&self, controller: &str, key: &str, error: &crate::Error) -> kube::runtime::controller::Action {
         use kube::runtime::controller::Action;
         let labels = crate::metrics::ErrorLabels { controller: controller.into(), error: error.metric_label() };
         self.metrics.errors.get_or_create(&labels).inc();
+        let attempt = {
+            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            let n = failures.entry(format!("{controller}/{key}")).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        let conflict = matches!(error, crate::Error::Conflict(_));
+        let delay = backoff(if conflict { Duration::from_millis(100) } else { Duration::from_millis(500) }, attempt, jitter_seed(key, attempt));
         match error {
-            crate::Error::Conflict(what) => {
-                tracing::debug!(conflict = %what, "stale data; retrying");
-                Action::requeue(Duration::from_millis(200))
-            }
-            e => {
-                tracing::warn!(controller, object = name, error = %e, "reconcile failed");
-                Action::requeue(Duration::from_secs(5))
-            }
+            crate::Error::Conflict(what) => tracing::debug!(conflict = %what, attempt, ?delay, "stale data; retrying"),
+            e => tracing::warn!(controller, object = key, error = %e, attempt, ?delay, "reconcile failed; retrying"),
         }
+        Action::requeue(delay)
     }
 
     /// The cached site of a job.
@@ -95,6 +105,46 @@ impl Context {
             .filter(|j| j.spec.site == name && j.namespace().as_deref() == Some(namespace))
             .map(|j| job_view(j, site))
             .collect()
+    }
+}
+
+/// The longest pause between two retries of one object.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// `base * 2^(attempt-1)`, at most [`MAX_BACKOFF`], times a jitter factor in [0.8, 1.2) from `seed`, so that objects
+/// failing together (an API server outage) do not come back in lockstep.
+pub fn backoff(base: Duration, attempt: u32, seed: u64) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let capped = exp.min(MAX_BACKOFF);
+    let jitter = 0.8 + (seed % 1000) as f64 / 2500.0;
+    capped.mul_f64(jitter)
+}
+
+fn jitter_seed(key: &str, attempt: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (key, attempt, std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)).hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn grows_caps_and_jitters() {
+        let base = Duration::from_millis(500);
+        let at = |n, seed| backoff(base, n, seed);
+        assert_eq!(at(1, 500), Duration::from_millis(500));
+        assert_eq!(at(2, 500), Duration::from_millis(1000));
+        assert_eq!(at(4, 500), Duration::from_millis(4000));
+        assert_eq!(at(30, 500), MAX_BACKOFF);
+        assert_eq!(at(1, 0), Duration::from_millis(400));
+        assert_eq!(at(1, 999), Duration::from_millis(500).mul_f64(0.8 + 999.0 / 2500.0));
+        for seed in 0..2000 {
+            let d = at(3, seed);
+            assert!(d >= Duration::from_millis(1600) && d < Duration::from_millis(2400), "{d:?}");
+        }
     }
 }
 
@@ -153,6 +203,8 @@ pub struct Options {
     pub identity: String,
     /// How many FLJobs reconcile at once.
     pub concurrency: u16,
+    /// Set once all three caches (FLJobs, FLSites, pods) have completed their first list: `/readyz` reads it.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
@@ -244,6 +296,15 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
 
     let (synced_tx, synced) = tokio::sync::watch::channel(0u8);
     let synced_tx = Arc::new(synced_tx);
+    let ready = opts.ready.clone();
+    let mut watch_synced = synced.clone();
+    let mark_ready = async move {
+        if watch_synced.wait_for(|n| *n >= 3).await.is_ok() {
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("caches synced; ready");
+        }
+        std::future::pending::<()>().await
+    };
     let reporter = Reporter { controller: "fljob-operator".into(), instance: Some(opts.identity.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -252,6 +313,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         pods,
         recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
+        failures: Default::default(),
         synced,
     });
 
@@ -265,6 +327,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         _ = drive("flsites", site_watch, site_out, synced_tx.clone()) => {},
         _ = drive("pods", pod_watch, pod_out, synced_tx) => {},
         _ = gauges => {},
+        _ = mark_ready => {},
         _ = async {
             crate::shutdown_signal().await;
             // The controllers stop by themselves once in-flight reconciles end; do not wait on a stuck one.

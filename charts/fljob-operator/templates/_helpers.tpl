@@ -98,7 +98,7 @@ so a missing verb fails it; hack/chart-test.sh pins this list, so a new verb is 
 - apiGroups: ["fljob.dev"]
   resources: ["flsites/status"]
   verbs: ["update"]
-# Worker pods and their meta ConfigMap carry a controller ownerReference with blockOwnerDeletion, which the
+# Worker pods carry a controller ownerReference with blockOwnerDeletion, which the
 # OwnerReferencesPermissionEnforcement admission plugin allows only to who may update the owner's finalizers.
 - apiGroups: ["fljob.dev"]
   resources: ["fljobs/finalizers"]
@@ -107,10 +107,6 @@ so a missing verb fails it; hack/chart-test.sh pins this list, so a new verb is 
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The job's meta.json ConfigMap: created once; garbage-collected with the FLJob through its ownerReference.
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["create"]
 # Only to check that the Secrets a job names exist and hold the keys it needs; never listed or watched.
 - apiGroups: [""]
   resources: ["secrets"]
