@@ -399,8 +399,8 @@ def numpy_job(
     variant:
       "ok"        NPTrainer, `rounds` rounds; sleep_per_round > 0 makes each round take that long (for abort
                   tests: NPTrainer's sleep checks the abort signal every 0.5 s)
-      "unsafe"    the client executor is a class from the job's custom/ folder that is not in the site's
-                  class_allow_list -> the worker exits 102 (UNSAFE_COMPONENT)
+      "unsafe"    the client executor is an NVFlare class that is not in the site's class_allow_list
+                  -> the worker exits 102 (UNSAFE_COMPONENT)
       "bad_arg"   NPTrainer with an argument it does not have -> the worker exits 103 (CONFIG_ERROR)
     """
     job = Path(parent_dir) / name
@@ -413,11 +413,10 @@ def numpy_job(
         # NPTrainer sleeps in 1 s steps and checks the abort signal between them
         executor["args"] = {"sleep_time": sleep_per_round}
     elif variant == "unsafe":
-        executor = {"id": "Executor", "path": "unsafe_trainer.UnsafeTrainer", "args": {}}
-        (app / "custom").mkdir(parents=True, exist_ok=True)
-        (app / "custom" / "unsafe_trainer.py").write_text(
-            "from nvflare.app_common.np.np_trainer import NPTrainer\n\n\nclass UnsafeTrainer(NPTrainer):\n    pass\n"
-        )
+        # An NVFlare class that is not in the default class_allow_list. (A class from the job's own custom/ folder
+        # would not do: such a job is BYOC, and BYOC jobs are exempt from the allow list.)
+        executor = {"id": "Executor", "path": "nvflare.app_common.executors.learner_executor.LearnerExecutor",
+                    "args": {"learner_id": "learner"}}
     elif variant == "bad_arg":
         executor["args"] = {"no_such_argument": 1}
     elif variant != "ok":

@@ -138,8 +138,11 @@ def run_scenario(p: Project, spool: Path, name: str, log) -> dict:
         elif action == "parent":
             (spool / f"{job_id}.k8s-abort").write_text(str(t_signal))
         elif action == "sigterm":
+            if entry == WRAPPER:  # the operator deleting the pod of an aborted FLJob (pod-side mechanism alone)
+                (spool / f"{job_id}.k8s-abort-norelay").write_text(str(t_signal))
             proc.send_signal(signal.SIGTERM)
         elif action == "annotation":
+            (spool / f"{job_id}.k8s-abort-norelay").write_text(str(t_signal))
             write_annotations(info_dir, {"fljob.dev/job-id": job_id, "fljob.dev/abort": "true"})
         elif action == "abort_task":
             write_annotations(info_dir, {"fljob.dev/job-id": job_id, "fljob.dev/abort-task": "1"})

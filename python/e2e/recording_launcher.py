@@ -13,6 +13,8 @@ hard stop after its 10 s ``max_wait``) writes ``<job id>.terminate`` and the tes
 
 ``<spool>/<job id>.k8s-abort`` stands for "status.abort appeared on the FLJob": the handle then relays NVFlare's
 ABORT to the job cell with ``fljob_launcher.abort.send_abort_to_job`` -- the path FLJobHandle takes in the parent.
+``<job id>.k8s-abort-norelay`` is the same abort without the relay (to measure the pod-side mechanism alone). In
+both cases, like FLJobHandle, a worker that then exits 0 is reported as ABORTED (9), so the server ends the run.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class RecordingHandle(JobHandleSpec):
                 text = f.read().strip()
             if text:
                 self._code = int(text)
+                k8s_abort = os.path.exists(self._path("k8s-abort")) or os.path.exists(self._path("k8s-abort-norelay"))
+                if self._code == JobReturnCode.SUCCESS and k8s_abort:
+                    self._code = JobReturnCode.ABORTED
                 self._stop.set()
                 self.registration.release()
         return self._code

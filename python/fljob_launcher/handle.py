@@ -12,6 +12,7 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
 from nvflare.apis.job_launcher_spec import JobHandleSpec, JobReturnCode
 
+from .abort import send_abort_to_job
 from .mapping import GROUP, PLURAL, VERSION, is_terminal, return_code_from_status
 
 DEFAULT_WATCH_TIMEOUT_SECONDS = 60
@@ -38,7 +39,14 @@ class FLJobHandle(JobHandleSpec):
 
     Once the job is seen finished, the per-job credentials Secret (if the launcher made one) is deleted, as NVFlare's
     own K8s launcher does with its credential Secret: finished FLJobs may be kept for a long time, the client's
-    token need not be. The Secret's ownerReference to the FLJob stays the backstop.
+    token need not be. The Secret's ownerReference to the FLJob stays the backstop. The job's workspace transfer
+    registration is removed then too -- not at terminate(): a worker that stops gracefully within the grace period
+    still uploads its results.
+
+    Aborts started in Kubernetes (spec.abort set by hand, the FLJob deleted, activeDeadlineSeconds): when wait()
+    sees ``status.abort.requestedAt`` and this handle's terminate() was not called (JobExecutor.abort_app sends
+    NVFlare's ABORT itself before it calls terminate()), the handle sends that same ABORT to the job cell once, so the
+    worker ends cleanly, uploads its results and the server records the job aborted.
     """
 
     def __init__(
@@ -53,6 +61,8 @@ class FLJobHandle(JobHandleSpec):
         logger: Optional[logging.Logger] = None,
         core_api=None,
         credentials_secret: Optional[str] = None,
+        workspace_registration=None,
+        cell=None,
     ):
         super().__init__()
         self.custom_api = custom_api
@@ -69,6 +79,10 @@ class FLJobHandle(JobHandleSpec):
         self.last_status: dict = {}
         self.core_api = core_api
         self.credentials_secret = credentials_secret
+        self.workspace_registration = workspace_registration
+        self.cell = cell
+        self._terminate_called = False
+        self.abort_relayed = False
 
     def __repr__(self):
         return f"FLJobHandle({self.namespace}/{self.name}, job_id={self.job_id})"
@@ -94,19 +108,48 @@ class FLJobHandle(JobHandleSpec):
                 self.logger.warning(f"FLJob {self.namespace}/{self.name} is gone before it finished: aborted")
                 code = JobReturnCode.ABORTED
             if code is not None:
+                if code == JobReturnCode.SUCCESS and self._kubernetes_abort(obj):
+                    # Stopped by an abort started in Kubernetes: NVFlare's server did not ask for it, so report it
+                    # as ABORTED (JobExecutor sends 9 to the server, which then ends the run) instead of a success
+                    # the server would only notice when it declares the client dead (measured: ~80 s, then
+                    # EXECUTION_EXCEPTION).
+                    code = JobReturnCode.ABORTED
                 if self._forced_return_code is not None:
                     code = self._forced_return_code
                 self._return_code = code
             return self._return_code
 
+    def _kubernetes_abort(self, obj: Optional[dict]) -> bool:
+        """status.abort.requestedAt is set and this handle did not ask for it: the abort was started in Kubernetes
+        (spec.abort by hand, FLJob deletion, deadline), not by NVFlare (JobExecutor.abort_app -> terminate())."""
+        if obj is None or self._terminate_called:
+            return False
+        return bool(((obj.get("status") or {}).get("abort") or {}).get("requestedAt"))
+
+    def _relay_abort(self, obj: Optional[dict]):
+        """Send NVFlare's ABORT to the job cell when Kubernetes started an abort NVFlare does not know of (once)."""
+        if is_terminal(obj):
+            return
+        with self._lock:
+            if self.abort_relayed or not self._kubernetes_abort(obj):
+                return
+            self.abort_relayed = True
+        if self.cell is None or not self.job_id:
+            return
+        self.logger.info(f"FLJob {self.namespace}/{self.name}: abort requested in Kubernetes; sending ABORT to the job")
+        send_abort_to_job(self.cell, self.job_id, self.logger)
+
     def _release(self):
-        """Delete the credentials Secret once the job is over (best effort, once)."""
+        """Delete the credentials Secret and end the workspace transfer once the job is over (best effort, once)."""
         with self._lock:
             name, self.credentials_secret = self.credentials_secret, None
+            registration, self.workspace_registration = self.workspace_registration, None
+        if registration is not None:
+            registration.release(self.logger)
         if not name or self.core_api is None:
             return
         try:
-            self.core_api.delete_namespaced_secret(name, self.namespace)
+            self.core_api.delete_namespaced_secret(name, self.namespace, _request_timeout=_REQUEST_TIMEOUT)
         except ApiException as e:
             if e.status != _HTTP_NOT_FOUND:
                 self.logger.warning(f"deleting Secret {self.namespace}/{name} failed: {e.status} {e.reason}")
@@ -214,7 +257,14 @@ class FLJobHandle(JobHandleSpec):
     def wait(self, timeout: Optional[float] = None):
         """Block until the FLJob is finished (`timeout` is for tests and tools; JobExecutor waits without one)."""
         if self.return_code is None:
-            self._observe(lambda obj, deleted: self._record(obj, deleted) is not None, timeout=timeout)
+
+            def done(obj, deleted):
+                if self._record(obj, deleted) is not None:
+                    return True
+                self._relay_abort(obj)
+                return False
+
+            self._observe(done, timeout=timeout)
         if self.return_code is not None:
             self._release()
         return None
@@ -230,6 +280,8 @@ class FLJobHandle(JobHandleSpec):
         return self._observe(done, timeout=timeout)
 
     def terminate(self):
+        with self._lock:
+            self._terminate_called = True
         if self.return_code is not None:
             return None
         try:

@@ -12,7 +12,7 @@ from nvflare.apis.fl_constant import FLContextKey, JobConstants
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.job_launcher_spec import JobHandleSpec, JobLauncherSpec, JobReturnCode, add_launcher
 
-from .handle import DEFAULT_TERMINATE_TIMEOUT, DEFAULT_WATCH_TIMEOUT_SECONDS, FLJobHandle
+from .handle import _REQUEST_TIMEOUT, DEFAULT_TERMINATE_TIMEOUT, DEFAULT_WATCH_TIMEOUT_SECONDS, FLJobHandle
 from .mapping import (
     API_VERSION,
     GROUP,
@@ -29,11 +29,15 @@ from .mapping import (
     options_from_context,
     resources_for_site,
 )
+from .transfer import register_workspace_transfer
 
 MANAGED_BY = "fljob-launcher"
 LABEL_JOB_ID = "fljob.dev/nvflare-job-id"
 LABEL_SITE = "fljob.dev/site"
 ANNOTATION_JOB_ID = "fljob.dev/nvflare-job-id"
+# Key of the per-job credentials Secret that carries the workspace transfer token (env NVFL_WORKSPACE_TRANSFER_TOKEN
+# in the pod, through a secretKeyRef the operator writes).
+TRANSFER_TOKEN_KEY = "transferToken"
 
 
 class FLJobLauncher(JobLauncherSpec):
@@ -67,6 +71,11 @@ class FLJobLauncher(JobLauncherSpec):
         name_prefix: prefix of FLJob names.
         per_job_credentials: create the ``<fljob>-creds`` Secret from the client's current token / signature /
             ssid (default). False = use the FLSite's credentialsSecret.
+        workspace_transfer: register each job with NVFlare's WorkspaceTransferManager on the parent's cell, as
+            NVFlare 2.9.0's ClientK8sJobLauncher does (default). The worker pod then downloads ``local/`` and the
+            job's folder from the parent at start and uploads its results at the end: the FLJob gets
+            ``spec.workspaceOwner`` (the parent cell's FQCN) and the credentials Secret the key ``transferToken``.
+            Needs per-job credentials (the token is per job).
     """
 
     def __init__(
@@ -88,6 +97,7 @@ class FLJobLauncher(JobLauncherSpec):
         pod_labels: Optional[Dict[str, str]] = None,
         name_prefix: str = "nvf",
         per_job_credentials: bool = True,
+        workspace_transfer: bool = True,
         api_client=None,
     ):
         super().__init__()
@@ -128,6 +138,10 @@ class FLJobLauncher(JobLauncherSpec):
         self.pod_labels = {str(k): str(v) for k, v in (pod_labels or {}).items()}
         self.name_prefix = name_prefix
         self.per_job_credentials = per_job_credentials
+        self.workspace_transfer = bool(workspace_transfer)
+        if self.workspace_transfer and not per_job_credentials:
+            self.logger.warning("workspace_transfer needs per_job_credentials: the workspace transfer is off")
+            self.workspace_transfer = False
         self._api_client = api_client
         self._custom_api = None
         self._core_api = None
@@ -236,23 +250,41 @@ class FLJobLauncher(JobLauncherSpec):
         if self.per_job_credentials:
             creds = credentials_from_job_args(fl_ctx.get_prop(FLContextKey.JOB_PROCESS_ARGS))
             if creds:
-                body["spec"]["credentialsSecret"] = credentials_secret_name(name)
                 missing = sorted({"token", "signature", "ssid"} - set(creds))
                 if missing:
                     self.logger.warning(f"job {job_id}: the client has no {missing}; the worker will fail to start")
             else:
                 self.logger.warning(f"job {job_id}: no client credentials in the FL context; using the FLSite's")
 
-        fljob, created = self._create_fljob(custom_api, body)
-        if creds:
+        registration = None
+        if self.workspace_transfer and creds:
+            # As ClientK8sJobLauncher: the worker fetches local/ and <job id>/ from this parent and sends its
+            # results back; the token is a secret (Secret key transferToken), the owner FQCN is not (spec).
+            registration = register_workspace_transfer(fl_ctx, job_id)
+            creds[TRANSFER_TOKEN_KEY] = registration.token
+            body["spec"]["workspaceOwner"] = registration.owner_fqcn
+        secret_name = credentials_secret_name(name) if creds else None
+        if secret_name:
+            body["spec"]["credentialsSecret"] = secret_name
+
+        try:
+            # The Secret first: a pod the operator creates for the FLJob must find it. It has no owner yet; the
+            # ownerReference to the FLJob is added once the FLJob (and its uid) exists.
+            if creds:
+                self._upsert_credentials_secret(core_api, name, creds, job_id)
             try:
-                self._upsert_credentials_secret(core_api, fljob, creds)
-            except Exception:
-                # Without its Secret a new job would wait forever: take the FLJob back and let JobExecutor see the
-                # error. An adopted job keeps running with the Secret it has.
-                if created:
-                    self._delete_fljob(custom_api, name)
+                fljob, created = self._create_fljob(custom_api, body)
+            except BaseException:
+                # No FLJob, no owner: nothing would ever collect the Secret.
+                if creds:
+                    self._delete_secret(core_api, secret_name)
                 raise
+        except BaseException:
+            if registration is not None:
+                registration.release(self.logger)
+            raise
+        if creds:
+            self._own_secret(core_api, secret_name, fljob)
 
         handle = FLJobHandle(
             custom_api,
@@ -263,9 +295,11 @@ class FLJobLauncher(JobLauncherSpec):
             terminate_timeout=self.terminate_timeout,
             logger=self.logger,
             core_api=core_api,
-            credentials_secret=credentials_secret_name(name) if creds else None,
+            credentials_secret=secret_name,
+            workspace_registration=registration,
+            cell=getattr(fl_ctx.get_engine(), "cell", None),
         )
-        self.logger.info(f"job {job_id}: created FLJob {self.namespace}/{name}")
+        self.logger.info(f"job {job_id}: {'created' if created else 'adopted'} FLJob {self.namespace}/{name}")
         if self.timeout is not None and not handle.wait_until_started(self.timeout):
             self.logger.warning(f"job {job_id}: FLJob {name} not running after {self.timeout} s; aborting it")
             handle._force_return_code(JobReturnCode.EXCEPTION)
@@ -277,11 +311,18 @@ class FLJobLauncher(JobLauncherSpec):
         name = body["metadata"]["name"]
         for attempt in range(2):
             try:
-                return custom_api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body), True
+                return (
+                    custom_api.create_namespaced_custom_object(
+                        GROUP, VERSION, self.namespace, PLURAL, body, _request_timeout=_REQUEST_TIMEOUT
+                    ),
+                    True,
+                )
             except ApiException as e:
                 if e.status != 409 or attempt:
                     raise
-            existing = custom_api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            existing = custom_api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=_REQUEST_TIMEOUT
+            )
             spec = existing.get("spec") or {}
             if spec.get("jobId") != body["spec"]["jobId"] or spec.get("site") != body["spec"]["site"]:
                 raise RuntimeError(f"FLJob {self.namespace}/{name} exists for another job ({spec.get('jobId')})")
@@ -296,7 +337,9 @@ class FLJobLauncher(JobLauncherSpec):
 
     def _delete_fljob(self, custom_api, name: str, wait: float = 0.0):
         try:
-            custom_api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            custom_api.delete_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=_REQUEST_TIMEOUT
+            )
         except ApiException as e:
             if e.status != 404:
                 self.logger.warning(f"deleting FLJob {self.namespace}/{name} failed: {e}")
@@ -308,41 +351,46 @@ class FLJobLauncher(JobLauncherSpec):
             if not gone:
                 raise RuntimeError(f"FLJob {self.namespace}/{name} was not deleted within {wait} s")
 
-    def _upsert_credentials_secret(self, core_api, fljob: dict, creds: Dict[str, str]):
+    def _secret_body(self, secret_name: str, creds: Dict[str, str]):
         from kubernetes import client
 
-        meta = fljob.get("metadata") or {}
-        owner = client.V1OwnerReference(
-            api_version=API_VERSION, kind=KIND, name=meta["name"], uid=meta["uid"], controller=False
-        )
-        secret_name = credentials_secret_name(meta["name"])
-        body = client.V1Secret(
+        return client.V1Secret(
             api_version="v1",
             kind="Secret",
             metadata=client.V1ObjectMeta(
                 name=secret_name,
                 namespace=self.namespace,
                 labels={"app.kubernetes.io/managed-by": MANAGED_BY},
-                owner_references=[owner],
             ),
             type="Opaque",
             string_data=dict(creds),
         )
+
+    def _upsert_credentials_secret(self, core_api, fljob_name_: str, creds: Dict[str, str], job_id: str):
+        """Create (or refresh) the per-job Secret, before the FLJob exists; no ownerReference yet."""
+        secret_name = credentials_secret_name(fljob_name_)
+        body = self._secret_body(secret_name, creds)
         try:
-            core_api.create_namespaced_secret(self.namespace, body)
+            core_api.create_namespaced_secret(self.namespace, body, _request_timeout=_REQUEST_TIMEOUT)
             return
         except ApiException as e:
             if e.status != 409:
                 raise
-        # The Secret exists (a previous run of this job, or a retried launch): refresh the values and the owner.
+        # The Secret exists: a previous run of this job, a retried launch, or an FLJob of this name running for
+        # another job (then its Secret is not ours to overwrite).
+        self._check_fljob_is_ours(fljob_name_, job_id)
         for _ in range(3):
             try:
-                core_api.replace_namespaced_secret(secret_name, self.namespace, body)
+                # A replace drops the old ownerReferences too: the Secret must not be collected with a finished
+                # FLJob that _create_fljob is about to delete.
+                core_api.replace_namespaced_secret(
+                    secret_name, self.namespace, body, _request_timeout=_REQUEST_TIMEOUT
+                )
                 return
             except ApiException as e:
                 if e.status == 404:  # garbage-collected in between
                     try:
-                        core_api.create_namespaced_secret(self.namespace, body)
+                        core_api.create_namespaced_secret(self.namespace, body, _request_timeout=_REQUEST_TIMEOUT)
                         return
                     except ApiException as e2:
                         if e2.status != 409:
@@ -352,3 +400,46 @@ class FLJobLauncher(JobLauncherSpec):
             time.sleep(0.2)
         raise RuntimeError(f"could not update Secret {self.namespace}/{secret_name}")
 
+    def _check_fljob_is_ours(self, name: str, job_id: str):
+        custom_api, _ = self._apis()
+        try:
+            existing = custom_api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=_REQUEST_TIMEOUT
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return
+            raise
+        spec = existing.get("spec") or {}
+        if spec.get("jobId") != job_id:
+            raise RuntimeError(f"FLJob {self.namespace}/{name} exists for another job ({spec.get('jobId')})")
+
+    def _own_secret(self, core_api, secret_name: str, fljob: dict):
+        """ownerReference Secret -> FLJob, so Kubernetes deletes the Secret with the FLJob."""
+        meta = fljob.get("metadata") or {}
+        owner = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": meta.get("name"),
+            "uid": meta.get("uid"),
+            "controller": False,
+        }
+        try:
+            core_api.patch_namespaced_secret(
+                secret_name,
+                self.namespace,
+                {"metadata": {"ownerReferences": [owner]}},
+                _request_timeout=_REQUEST_TIMEOUT,
+            )
+        except Exception as e:
+            # The handle still deletes the Secret when the job ends; only a parent crash would leave it behind.
+            self.logger.warning(f"setting the ownerReference of Secret {self.namespace}/{secret_name} failed: {e}")
+
+    def _delete_secret(self, core_api, secret_name: str):
+        try:
+            core_api.delete_namespaced_secret(secret_name, self.namespace, _request_timeout=_REQUEST_TIMEOUT)
+        except ApiException as e:
+            if e.status != 404:
+                self.logger.warning(f"deleting Secret {self.namespace}/{secret_name} failed: {e.status} {e.reason}")
+        except Exception as e:
+            self.logger.warning(f"deleting Secret {self.namespace}/{secret_name} failed: {e}")

@@ -10,7 +10,10 @@ from fake_k8s import FakeCluster  # noqa: E402
 
 @pytest.fixture
 def cluster():
-    return FakeCluster()
+    c = FakeCluster()
+    yield c
+    # every plain Kubernetes API call the launcher and the handle make carries a _request_timeout
+    assert c.untimed_calls == []
 
 
 class SimOperator:

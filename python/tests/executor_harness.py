@@ -33,6 +33,7 @@ class FakeCell:
     def __init__(self, fqcn: str):
         self.fqcn = fqcn
         self.sent: List[dict] = []
+        self.request_cbs: Dict[tuple, object] = {}
 
     def get_internal_listener_url(self):
         return "tcp://localhost:8004"
@@ -43,16 +44,21 @@ class FakeCell:
     def get_fqcn(self):
         return self.fqcn
 
+    def register_request_cb(self, channel, topic, cb, *args, **kwargs):
+        # what WorkspaceTransferManager registers on the parent's cell
+        self.request_cbs[(channel, topic)] = cb
+
     def fire_and_forget(self, **kwargs):
-        self.sent.append({"topic": kwargs.get("topic"), "targets": kwargs.get("targets")})
+        self.sent.append({"topic": kwargs.get("topic"), "targets": kwargs.get("targets"), "channel": kwargs.get("channel")})
 
     def send_request(self, **kwargs):
         return Message(headers={MessageHeaderKey.RETURN_CODE: ReturnCode.OK}, payload={})
 
 
 class FakeEngine:
-    def __init__(self, client_name: str, components: list):
+    def __init__(self, client_name: str, components: list, cell: Optional[FakeCell] = None):
         self.components = list(components)
+        self.cell = cell or FakeCell(client_name)  # ClientEngine.cell: the parent's cell (workspace transfer)
         self.ctx_mgr = FLContextManager(engine=self, identity_name=client_name)
 
     def new_context(self) -> FLContext:
@@ -111,7 +117,7 @@ class ExecutorDriver:
         self.launcher = launcher
         self.client = FakeClient(client_name, token, token_signature, ssid)
         self.recorder = EventRecorder()
-        self.engine = FakeEngine(client_name, [launcher, self.recorder])
+        self.engine = FakeEngine(client_name, [launcher, self.recorder], cell=self.client.cell)
         self.client.engine = self.engine
         self.workspace = Workspace(workspace_root, site_name=client_name)
         self.executor = JobExecutor(self.client, os.path.join(workspace_root, "startup"))

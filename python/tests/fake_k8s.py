@@ -49,6 +49,7 @@ class FakeCluster:
         self.calls: List[Tuple[str, str]] = []  # (verb, detail)
         self.patch_hooks: List[Callable[[str, dict], None]] = []
         self.fail_next: Dict[str, ApiException] = {}  # verb -> exception raised once
+        self.untimed_calls: List[str] = []  # plain API calls made without _request_timeout (must stay empty)
         self.custom = FakeCustomObjectsApi(self)
         self.core = FakeCoreV1Api(self)
 
@@ -181,6 +182,10 @@ class FakeCluster:
     def count(self, verb: str, kind: str = "FLJob") -> int:
         return sum(1 for v, k in self.calls if v == verb and k == kind)
 
+    def timed(self, method: str, kwargs: dict):
+        if kwargs.get("_request_timeout") is None:
+            self.untimed_calls.append(method)
+
     def later(self, delay: float, fn: Callable, *args):
         t = threading.Timer(delay, fn, args)
         t.daemon = True
@@ -249,15 +254,19 @@ class FakeCustomObjectsApi:
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kwargs) -> object:
         assert body.get("apiVersion") == f"{group}/{version}"
+        self.c.timed("create_namespaced_custom_object", kwargs)
         return self.c.create(_PLURAL_KIND[plural], namespace, body)
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs) -> object:
+        self.c.timed("get_namespaced_custom_object", kwargs)
         return self.c.get(_PLURAL_KIND[plural], namespace, name)
 
     def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body, **kwargs) -> object:
+        self.c.timed("patch_namespaced_custom_object", kwargs)
         return self.c.patch(_PLURAL_KIND[plural], namespace, name, body)
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs) -> object:
+        self.c.timed("delete_namespaced_custom_object", kwargs)
         self.c.delete(_PLURAL_KIND[plural], namespace, name)
         return {"kind": "Status", "status": "Success"}
 
@@ -276,6 +285,7 @@ class FakeCustomObjectsApi:
     ) -> object:
         kind = _PLURAL_KIND[plural]
         name = _name_from_selector(field_selector)
+        self.c.timed("list_namespaced_custom_object", kwargs)
         if watch:
             with self.c.cond:
                 self.c.calls.append(("watch", kind))
@@ -302,15 +312,26 @@ class FakeCoreV1Api:
         self.c = cluster
 
     def create_namespaced_secret(self, namespace, body, **kwargs):
+        self.c.timed("create_namespaced_secret", kwargs)
         return self.c.create("Secret", namespace, _secret_dict(body))
 
     def replace_namespaced_secret(self, name, namespace, body, **kwargs):
+        self.c.timed("replace_namespaced_secret", kwargs)
         return self.c.replace("Secret", namespace, name, _secret_dict(body))
 
+    def patch_namespaced_secret(self, name, namespace, body, **kwargs):
+        self.c.timed("patch_namespaced_secret", kwargs)
+        self.c._maybe_fail("patch-Secret")
+        if not isinstance(body, dict):
+            body = client.ApiClient().sanitize_for_serialization(body)
+        return self.c.patch("Secret", namespace, name, body, notify=False)
+
     def read_namespaced_secret(self, name, namespace, **kwargs):
+        self.c.timed("read_namespaced_secret", kwargs)
         return self.c.get("Secret", namespace, name)
 
     def delete_namespaced_secret(self, name, namespace, **kwargs):
+        self.c.timed("delete_namespaced_secret", kwargs)
         return self.c.delete("Secret", namespace, name)
 
 

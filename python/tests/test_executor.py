@@ -5,6 +5,7 @@ import uuid
 import pytest
 from nvflare.apis.event_type import EventType
 from nvflare.apis.job_launcher_spec import JobReturnCode
+from nvflare.app_opt.job_launcher.workspace_cell_transfer import WorkspaceTransferManager
 from nvflare.fuel.common.exit_codes import ProcessExitCode
 
 from conftest import SimOperator
@@ -38,16 +39,20 @@ def test_start_app_creates_fljob_with_client_credentials(driver, cluster):
     assert fljob["spec"]["jobId"] == job_id
     assert fljob["spec"]["options"] == ["secure_train=true"]
     assert fljob["spec"]["resources"] == {"gpus": 1}
-    # JobExecutor put client.token / token_signature / ssid into JOB_PROCESS_ARGS; they land in the Secret
-    assert secret_values(cluster.secret(NS, f"{name}-creds")) == {
-        "token": "tok-123",
-        "signature": "sig-456",
-        "ssid": "ssid-789",
-    }
+    # JobExecutor put client.token / token_signature / ssid into JOB_PROCESS_ARGS; they land in the Secret, with
+    # the workspace transfer token of the job's registration on the parent's cell
+    values = secret_values(cluster.secret(NS, f"{name}-creds"))
+    token = values.pop("transferToken")
+    assert values == {"token": "tok-123", "signature": "sig-456", "ssid": "ssid-789"}
+    manager = WorkspaceTransferManager.get_or_create(driver.client.cell)
+    assert manager.jobs[job_id].transfer_token == token
+    assert manager.jobs[job_id].workspace_root == driver.root
+    assert fljob["spec"]["workspaceOwner"] == "site-1"
     assert [e for e, _ in driver.recorder.events] == [EventType.BEFORE_JOB_LAUNCH, EventType.AFTER_JOB_LAUNCH]
     cluster.set_status(name, {"phase": "Succeeded", "exitCode": 0})
     assert driver.wait_reported(job_id, 10) == JobReturnCode.SUCCESS
     assert driver.completed(job_id)
+    assert job_id not in manager.jobs
     assert driver.status(job_id) == "not started"  # the executor forgot the job
     # the client's token does not outlive the job; the finished FLJob stays
     assert cluster.secret(NS, f"{name}-creds") is None

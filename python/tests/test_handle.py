@@ -22,6 +22,7 @@ def fljob(cluster):
         NS,
         "fljobs",
         {"apiVersion": "fljob.dev/v1alpha1", "kind": "FLJob", "metadata": {"name": NAME}, "spec": {"jobId": "job-1"}},
+        _request_timeout=5,
     )
 
 
@@ -101,7 +102,9 @@ class TestWait:
         assert cluster.count("get") == 0
 
     def test_credentials_secret_deleted_once_finished(self, cluster, fljob):
-        cluster.core.create_namespaced_secret(NS, {"metadata": {"name": "creds"}, "stringData": {"token": "t"}})
+        cluster.core.create_namespaced_secret(
+            NS, {"metadata": {"name": "creds"}, "stringData": {"token": "t"}}, _request_timeout=5
+        )
         handle = make_handle(cluster, core_api=cluster.core, credentials_secret="creds")
         assert handle.poll() is None
         assert cluster.secret(NS, "creds") is not None

@@ -9,6 +9,7 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContextManager
 from nvflare.apis.job_launcher_spec import JobLauncherSpec, JobProcessArgs, JobReturnCode
+from nvflare.app_opt.job_launcher.workspace_cell_transfer import WorkspaceTransferManager
 from nvflare.private.fed.app.fl_conf import FLClientStarterConfiger
 from nvflare.private.fed.utils.fed_utils import get_job_launcher
 
@@ -40,8 +41,24 @@ def make_ctx(launcher, client_name="site-1", creds=("tok", "sig", "ssid"), set_o
         job_args[JobProcessArgs.TOKEN_SIGNATURE] = ("-ts", creds[1])
         job_args[JobProcessArgs.SSID] = ("-d", creds[2])
     fl_ctx.set_prop(FLContextKey.JOB_PROCESS_ARGS, job_args, private=True, sticky=False)
-    fl_ctx.set_prop(FLContextKey.ARGS, argparse.Namespace(set=list(set_options)), private=True, sticky=False)
+    fl_ctx.set_prop(
+        FLContextKey.ARGS,
+        argparse.Namespace(set=list(set_options), workspace=f"/var/tmp/ws-{client_name}"),
+        private=True,
+        sticky=False,
+    )
     return fl_ctx
+
+
+def transfer_manager(fl_ctx):
+    """The WorkspaceTransferManager NVFlare keeps on the parent's cell (the one the launcher registered jobs with)."""
+    return WorkspaceTransferManager.get_or_create(fl_ctx.get_engine().cell)
+
+
+def creds_of(cluster, name):
+    """The Secret's values without the (random) transfer token, and that token."""
+    values = secret_values(cluster.secret(NS, f"{name}-creds"))
+    return {k: v for k, v in values.items() if k != "transferToken"}, values.get("transferToken")
 
 
 def job_meta(job_id=None, **extra):
@@ -155,7 +172,8 @@ class TestLaunch:
             pod_labels={"team": "ml"},
         )
         meta = job_meta(resource_spec={"site-1": {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 4}})
-        handle = launcher.launch_job(meta, make_ctx(launcher))
+        fl_ctx = make_ctx(launcher)
+        handle = launcher.launch_job(meta, fl_ctx)
         assert isinstance(handle, FLJobHandle)
 
         [fljob] = cluster.fljobs()
@@ -178,17 +196,25 @@ class TestLaunch:
         }
         assert spec["credentialsSecret"] == f"{name}-creds"
         assert "abort" not in spec
-        # no credential in the FLJob itself
-        assert "tok" not in json.dumps(fljob)
+        # the parent cell's FQCN: NVFL_WORKSPACE_OWNER_FQCN in the pod
+        assert spec["workspaceOwner"] == "site-1"
 
         secret = cluster.secret(NS, f"{name}-creds")
-        assert secret_values(secret) == {"token": "tok", "signature": "sig", "ssid": "ssid"}
+        creds, token = creds_of(cluster, name)
+        assert creds == {"token": "tok", "signature": "sig", "ssid": "ssid"}
+        # the job is registered with NVFlare's WorkspaceTransferManager for the parent's workspace, under that token
+        record = transfer_manager(fl_ctx).jobs[meta["job_id"]]
+        assert token and record.transfer_token == token
+        assert record.workspace_root == "/var/tmp/ws-site-1"
+        # no credential, no transfer token in the FLJob itself
+        assert "tok" not in json.dumps(fljob) and token not in json.dumps(fljob)
         [owner] = secret["metadata"]["ownerReferences"]
         assert owner["uid"] == fljob["metadata"]["uid"]
         assert (owner["apiVersion"], owner["kind"], owner["name"]) == ("fljob.dev/v1alpha1", "FLJob", name)
-        # the FLJob is created before its Secret
+        # the Secret is created before the FLJob (the operator's pod must find it), then owned by it
         creates = [k for v, k in cluster.calls if v == "create"]
-        assert creates == ["FLJob", "Secret"]
+        assert creates == ["Secret", "FLJob"]
+        assert ("patch", "Secret") in cluster.calls
 
     def test_pod_template_merge(self, cluster):
         launcher = make_launcher(
@@ -240,11 +266,13 @@ class TestLaunch:
         meta = job_meta()
         name = fljob_name(meta["job_id"], "site-a")
         cluster.core.create_namespaced_secret(
-            NS, {"metadata": {"name": f"{name}-creds"}, "stringData": {"token": "old"}, "type": "Opaque"}
+            NS,
+            {"metadata": {"name": f"{name}-creds"}, "stringData": {"token": "old"}, "type": "Opaque"},
+            _request_timeout=5,
         )
         launcher.launch_job(meta, make_ctx(launcher, creds=("new", "sig2", "ssid2")))
         secret = cluster.secret(NS, f"{name}-creds")
-        assert secret_values(secret) == {"token": "new", "signature": "sig2", "ssid": "ssid2"}
+        assert creds_of(cluster, name)[0] == {"token": "new", "signature": "sig2", "ssid": "ssid2"}
         assert secret["metadata"]["ownerReferences"][0]["uid"] == cluster.fljobs()[0]["metadata"]["uid"]
 
     def test_secret_failure_rolls_back(self, cluster):
@@ -264,7 +292,7 @@ class TestLaunch:
         assert h2.name == h1.name
         [fljob] = cluster.fljobs()
         assert fljob["metadata"]["uid"] == uid and fljob["status"]["phase"] == "Running"
-        assert secret_values(cluster.secret(NS, f"{h1.name}-creds"))["token"] == "t2"
+        assert creds_of(cluster, h1.name)[0]["token"] == "t2"
 
     def test_secret_failure_keeps_an_adopted_job(self, cluster):
         launcher = make_launcher(cluster)
