@@ -152,7 +152,7 @@ async fn worker_pod_is_what_nvflare_expects() {
     let cmd = c.command.clone().unwrap().join(" ");
     assert_eq!(
         cmd,
-        "python -u -m nvflare.private.fed.app.client.worker_process -m /var/tmp/nvflare/workspace \
+        "python -u -m fljob_launcher.worker -m /var/tmp/nvflare/workspace \
          -w /var/tmp/nvflare/workspace/startup -n row-0001 -c site-a -p tcp://site-a-cp:8004 \
          -g fl-server.example.org:8002 -scheme grpc -s fed_client.json --set secure_train=false print_conf=True"
     );
@@ -162,10 +162,12 @@ async fn worker_pod_is_what_nvflare_expects() {
     for l in ["app.kubernetes.io/managed-by", "fljob.dev/job", "fljob.dev/site"] {
         assert!(pod.labels().contains_key(l), "{l}");
     }
-    // The meta ConfigMap exists and holds spec.meta.
+    // No meta ConfigMap any more (the worker gets meta.json through the workspace transfer), and no mount inside
+    // the workspace but the startup kit.
     let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = env.ns.api();
-    let cm = cms.get(&format!("{}-meta", pod.name_any())).await.unwrap();
-    assert!(cm.data.unwrap()["meta.json"].contains("\"name\":\"row\""));
+    assert!(cms.get_opt(&format!("{}-meta", pod.name_any())).await.unwrap().is_none());
+    let mounts = c.volume_mounts.clone().unwrap();
+    assert!(mounts.iter().all(|m| m.mount_path == "/var/tmp/nvflare/workspace" || m.mount_path == "/var/tmp/nvflare/workspace/startup" || !m.mount_path.starts_with("/var/tmp/nvflare/workspace")), "{mounts:?}");
     // Status and events never carry Secret values.
     let text = serde_json::to_string(&j).unwrap() + &env.events_for("row").await.join("\n") + &env.op.logs();
     assert!(!text.contains("test-token") && !text.contains("test-signature"));

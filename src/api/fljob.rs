@@ -195,7 +195,7 @@ pub struct PodTemplateSpec {
     /// Extra environment of the worker. The NVFLARE_JOB_* credential variables come from the credentials Secret only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "env_list")]
-    #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('NVFLARE_JOB_') && !e.name.startsWith('NVFL_WORKSPACE_'))").message("NVFLARE_JOB_* and NVFL_WORKSPACE_* variables are the operator's: they come from the credentials Secret and spec.workspaceOwner"))]
+    #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('NVFLARE_JOB_') && !e.name.startsWith('NVFL_WORKSPACE_'))").message("NVFLARE_JOB_* and NVFL_WORKSPACE_* variables are the operator's: set spec.credentialsSecret and spec.workspaceOwner instead"))]
     pub env: Vec<EnvVar>,
     /// Extra volumes of the pod (core/v1 Volumes, validated by the API server when the pod is created).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -64,10 +64,12 @@ pub fn tool(name: &str) -> PathBuf {
     path
 }
 
-/// `kubectl` with the admin kubeconfig already set.
+/// `kubectl` with the admin kubeconfig already set, and a discovery cache of this test process's own: the shared
+/// ~/.kube/cache can hold the CRDs' names from before this run installed them (kubectl keeps it for hours).
 pub fn kubectl() -> Command {
     let mut cmd = Command::new(tool("kubectl"));
-    cmd.arg("--kubeconfig").arg(kubeconfig_path());
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kubectl-cache-{}", std::process::id()));
+    cmd.arg("--kubeconfig").arg(kubeconfig_path()).arg("--cache-dir").arg(cache);
     cmd
 }
 
