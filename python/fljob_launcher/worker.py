@@ -12,11 +12,18 @@ workspace transfer and everything else are NVFlare's own, unmodified) and adds w
   exits at once (128 + signal).
 * **Downward-API annotations** ``$FLJOB_INFO_DIR/annotations`` (default ``/etc/fljob/annotations``; lines
   ``key="value"``, Go-quoted values), re-read every ``FLJOB_WATCH_INTERVAL`` seconds (default 0.5):
-  ``fljob.dev/abort: "true"`` -> ABORT (as above); a new value of ``fljob.dev/abort-task`` -> ABORT_TASK (the current
-  task is dropped, the job keeps running). The value present at start is the baseline, not a request.
+  ``fljob.dev/abort`` (any value; the operator writes ``App``) -> ABORT (as above); a new value of ``fljob.dev/abort-task`` -> ABORT_TASK (meant to
+  drop the current task while the job keeps running). The value present at start is the baseline, not a request.
+  NOTE: in nvflare 2.9.0 ABORT_TASK itself is broken -- its handler calls ``ClientRunner.abort_task()``, which does
+  not exist (AttributeError), whoever sends it; the job keeps running and the task is not aborted.
 
 An abort that arrives before the job cell accepts commands (workspace download, configuration) is delivered as soon as
 it does.
+
+PID 1: NVFlare's worker watches its parent (``os.getppid()``) and aborts the job when that process is gone. As a
+container's PID 1 its parent id is 0, which ``psutil.pid_exists`` reports as gone: the job only survives because the
+watcher's first check usually runs before the runner exists. A pod has no parent process to watch (Kubernetes owns
+its lifetime), so when the parent does not exist the worker is shown its own pid as the parent.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ ANNOTATION_ABORT = "fljob.dev/abort"
 ANNOTATION_ABORT_TASK = "fljob.dev/abort-task"
 
 _SIMPLE_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34, "'": 39}
+
+
+def is_abort(annotations: Dict[str, str]) -> bool:
+    """The operator's App-scope abort request: `fljob.dev/abort` set to any value (the operator writes "App")."""
+    return bool(annotations.get(ANNOTATION_ABORT, "").strip())
 
 
 def _log(msg: str) -> None:
@@ -153,7 +165,12 @@ class JobCommands:
             },
             payload,
         )
-        cb.cb(msg, *cb.args, **cb.kwargs)
+        try:
+            cb.cb(msg, *cb.args, **cb.kwargs)
+        except Exception as e:
+            # Delivered, but NVFlare's own handler failed (2.9.0's ABORT_TASK calls ClientRunner.abort_task, which
+            # does not exist: the same error a parent-sent ABORT_TASK meets). Do not retry.
+            _log(f"NVFlare's {topic} handler failed: {type(e).__name__}: {e}")
         return True
 
 
@@ -174,8 +191,8 @@ class AbortRelay:
         ann = read_annotations(annotations_path) if annotations_path else None
         if ann is not None:
             self._task_baseline = ann.get(ANNOTATION_ABORT_TASK)
-            if ann.get(ANNOTATION_ABORT, "").lower() == "true":
-                self.request_abort("annotation fljob.dev/abort=true at start")
+            if is_abort(ann):
+                self.request_abort(f"annotation {ANNOTATION_ABORT}={ann[ANNOTATION_ABORT]} at start")
 
     # ----- requests (any thread, signal handler included: no locks held long, no I/O but a flag) --------------
 
@@ -198,8 +215,8 @@ class AbortRelay:
         ann = read_annotations(self.annotations_path)
         if ann is None:
             return
-        if ann.get(ANNOTATION_ABORT, "").lower() == "true":
-            self.request_abort("annotation fljob.dev/abort=true")
+        if is_abort(ann):
+            self.request_abort(f"annotation {ANNOTATION_ABORT}={ann[ANNOTATION_ABORT]}")
         task = ann.get(ANNOTATION_ABORT_TASK)
         if task is not None and task != self._task_baseline:
             self._task_baseline = task
@@ -239,6 +256,19 @@ class AbortRelay:
         return t
 
 
+def _no_parent_watch_in_a_pod() -> None:
+    try:
+        import psutil
+
+        if psutil.pid_exists(os.getppid()):
+            return
+    except Exception:
+        return
+    own = os.getpid()
+    _log(f"parent pid {os.getppid()} does not exist (PID 1 in a container): the worker watches itself instead")
+    os.getppid = lambda: own
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     job_id = _arg_value(argv, "-n", "--job_id")
@@ -256,6 +286,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         relay.start()
     else:
         _log("no -n/-c in the arguments: running the worker without the abort relay")
+    _no_parent_watch_in_a_pod()
     # NVFlare's worker parses sys.argv itself and ends with sys.exit(rc).
     sys.argv = [WORKER_MODULE.replace(".", "/") + ".py"] + argv
     runpy.run_module(WORKER_MODULE, run_name="__main__", alter_sys=True)

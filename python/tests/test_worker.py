@@ -80,7 +80,7 @@ def test_annotation_abort(tmp_path):
     AbortRelay(cmds, str(path), interval=0.05).start()
     time.sleep(0.2)
     assert cmds.sent == []
-    write(path, {"fljob.dev/abort": "true"})
+    write(path, {"fljob.dev/abort": "App"})
     assert wait_for(lambda: cmds.sent == [AdminCommandNames.ABORT])
     time.sleep(0.2)
     assert cmds.sent == [AdminCommandNames.ABORT]  # once
@@ -112,7 +112,7 @@ def test_abort_waits_for_the_job_cell(tmp_path):
 
 def test_abort_annotation_at_start(tmp_path):
     path = tmp_path / "annotations"
-    write(path, {"fljob.dev/abort": "true"})
+    write(path, {"fljob.dev/abort": "App"})
     cmds = FakeCommands()
     AbortRelay(cmds, str(path), interval=0.05).start()
     assert wait_for(lambda: cmds.sent == [AdminCommandNames.ABORT])
