@@ -92,6 +92,23 @@ SCENARIOS = {
 }
 
 
+PID1 = False  # --pid1: start the worker as PID 1 of a new PID namespace (unshare -pf), as in a container
+
+
+def _target_pid(proc) -> int:
+    """The worker's pid: unshare's child when it runs as PID 1 of its own namespace."""
+    if not PID1:
+        return proc.pid
+    import psutil
+
+    for _ in range(100):
+        kids = psutil.Process(proc.pid).children()
+        if kids:
+            return kids[0].pid
+        time.sleep(0.05)
+    return proc.pid
+
+
 def run_scenario(p: Project, spool: Path, name: str, log) -> dict:
     variant, rounds, sleep, entry, action = SCENARIOS[name]
     job_dir = numpy_job(p.base / "jobs", f"e2e-{name}", rounds=rounds, sleep_per_round=sleep, variant=variant)
@@ -114,11 +131,14 @@ def run_scenario(p: Project, spool: Path, name: str, log) -> dict:
     cmd = pod_command(p.python, entry, rec, ws)
     env = pod_env(rec, ws, p.client, info_dir if entry == WRAPPER else None)
     out = open(p.base / "pods" / f"{job_id}.out", "wb")
+    if PID1:
+        cmd = ["unshare", "-pf", "--kill-child"] + cmd
     t_start = time.time()
     proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     log(f"{name}: job {job_id} worker pid {proc.pid} ({entry})")
 
-    result = {"scenario": name, "job_id": job_id, "entry": entry, "handover_s": round(t_start - t_submit, 2)}
+    result = {"scenario": name, "job_id": job_id, "entry": entry, "pid1": PID1,
+              "handover_s": round(t_start - t_submit, 2)}
     t_signal = None
     terminate_seen = None
     if action:
@@ -140,7 +160,7 @@ def run_scenario(p: Project, spool: Path, name: str, log) -> dict:
         elif action == "sigterm":
             if entry == WRAPPER:  # the operator deleting the pod of an aborted FLJob (pod-side mechanism alone)
                 (spool / f"{job_id}.k8s-abort-norelay").write_text(str(t_signal))
-            proc.send_signal(signal.SIGTERM)
+            os.kill(_target_pid(proc), signal.SIGTERM)
         elif action == "annotation":
             (spool / f"{job_id}.k8s-abort-norelay").write_text(str(t_signal))
             write_annotations(info_dir, {"fljob.dev/job-id": job_id, "fljob.dev/abort": "true"})
@@ -181,7 +201,8 @@ def run_scenario(p: Project, spool: Path, name: str, log) -> dict:
     worker_out = (p.base / "pods" / f"{job_id}.out").read_text(errors="replace")
     result["upload_success"] = "upload_results SUCCESS" in worker_out
     if action == "abort_task":
-        result["task_aborted_seen"] = "sent ABORT_TASK" in worker_out
+        result["abort_task_delivered"] = "annotation fljob.dev/abort-task changed" in worker_out
+        result["abort_task_nvflare_error"] = "abort_task handler failed" in worker_out
     log(f"{name}: {json.dumps(result)}")
     return result
 
@@ -191,7 +212,10 @@ def main():
     ap.add_argument("--base", default="/tmp/fljob-e2e")
     ap.add_argument("--only", default=",".join(SCENARIOS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pid1", action="store_true", help="run each worker as PID 1 of its own PID namespace")
     args = ap.parse_args()
+    global PID1
+    PID1 = args.pid1
     names = [n for n in args.only.split(",") if n]
     fl, adm, par = free_ports(3)
     p = Project(args.base, fl_port=fl, admin_port=adm, parent_port=par)

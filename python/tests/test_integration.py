@@ -311,7 +311,10 @@ def test_success_poll_while_running(site, tmp_path):
     import base64
 
     values = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+    # + the workspace transfer token (NVFL_WORKSPACE_TRANSFER_TOKEN in the pod); the owner FQCN is in the spec
+    assert values.pop("transferToken")
     assert values == {"token": driver.client.token, "signature": "sig-it", "ssid": "ssid-it"}
+    assert spec.get("workspaceOwner") == driver.client.cell.get_fqcn()
     [owner] = secret.metadata.owner_references
     assert (owner.kind, owner.name, owner.uid) == ("FLJob", name, obj["metadata"]["uid"])
 
