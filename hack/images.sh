@@ -10,8 +10,8 @@
 #   busybox   a small test image: Debian's static busybox, /bin/sh and the usual applets, user 1000, and
 #             /bin/fake-worker (hack/images/fake-worker.sh), a stand-in worker driven by its --set options
 #   worker    the NVFlare worker image: a minimal Debian bookworm rootfs (debootstrap), Python 3.11 as
-#             /usr/local/bin/python with nvflare==$NVFLARE_VERSION, plus this repo's fljob-launcher package
-#             (its worker entry point); the shape of NVFlare's own image
+#             /usr/local/bin/python with nvflare==$NVFLARE_VERSION and kubernetes, plus this repo's
+#             fljob-launcher package (its worker entry point); the shape of NVFlare's own image
 #   operator  the operator: the static release binary on a distroless-style rootfs (CA certificates, the
 #             nonroot user 65532, /tmp), with USER, ENTRYPOINT, CMD, EXPOSE and LABELs read from the
 #             Dockerfile's final stage (hack/images/oci-pack.py --dockerfile)
@@ -26,6 +26,9 @@ HERE="$ROOT/hack/images"
 CACHE_ROOT="${FLJOB_TOOLS_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/fljob-operator}"
 CACHE="${FLJOB_IMAGES_CACHE:-$CACHE_ROOT/images}"
 NVFLARE_VERSION="${FLJOB_NVFLARE_VERSION:-2.9.0}"
+# The worker builds every component of the site's resources.json it downloads, the job launcher included, so
+# the launcher's own dependency is in the image too (the version the launcher is tested with).
+KUBERNETES_VERSION="${FLJOB_KUBERNETES_VERSION:-37.0.2}"
 SUITE=bookworm
 RECIPE=1
 log() { printf '[images] %s\n' "$*" >&2; }
@@ -82,7 +85,7 @@ build_busybox() {
 }
 
 python_pkg_files() { (cd "$ROOT/python" && git ls-files -co --exclude-standard pyproject.toml fljob_launcher | grep -v '\.pyc$' | sort | xargs cat); }
-key_worker_base() { { declare -f worker_base_rootfs; echo "recipe=$RECIPE $SUITE nvflare==$NVFLARE_VERSION"; } | digest; }
+key_worker_base() { { declare -f worker_base_rootfs; echo "recipe=$RECIPE $SUITE nvflare==$NVFLARE_VERSION kubernetes==$KUBERNETES_VERSION"; } | digest; }
 key_worker() { { key_worker_base; recipe_of build_worker pack; python_pkg_files; } | digest; }
 worker_base_rootfs() { # builds (or reuses) the unpacked base rootfs: debootstrap + python + nvflare; prints its dir
   local key dir
@@ -106,12 +109,12 @@ worker_base_rootfs() { # builds (or reuses) the unpacked base rootfs: debootstra
   log "worker base: nvflare==$NVFLARE_VERSION wheels"
   python3 -m pip download --disable-pip-version-check -q --only-binary=:all: --python-version 3.11 \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-    -d "$wheels" "nvflare==$NVFLARE_VERSION" >&2
+    -d "$wheels" "nvflare==$NVFLARE_VERSION" "kubernetes==$KUBERNETES_VERSION" >&2
   mkdir -p "$fs/tmp/wheels"
   cp "$wheels"/* "$fs/tmp/wheels/"
   chroot "$fs" /usr/bin/python3 -m venv /usr/local
   chroot "$fs" /usr/local/bin/python -m pip install --disable-pip-version-check -q --no-index \
-    --find-links /tmp/wheels "nvflare==$NVFLARE_VERSION" >&2
+    --find-links /tmp/wheels "nvflare==$NVFLARE_VERSION" "kubernetes==$KUBERNETES_VERSION" >&2
   rm -rf "$fs/tmp/wheels" "$fs"/var/cache/apt/archives/*.deb "$fs"/var/lib/apt/lists/* "$fs"/root/.cache
   find "$fs/usr/local" -name '__pycache__' -prune -exec rm -rf {} +
   # NVFlare's image runs as an unprivileged user; the pod sets runAsUser 1000.
@@ -129,8 +132,8 @@ build_worker() {
   local base r
   base="$(worker_base_rootfs)"
   r="$(mktemp -d)"
-  # Layer 2: this repo's launcher package (the worker entry point), installed without its dependencies into
-  # the base's site-packages (nvflare is there; the entry point needs nothing else).
+  # Layer 2: this repo's launcher package (the worker entry point), its files only: its dependencies are in the
+  # base layer.
   local site="usr/local/lib/python3.11/site-packages"
   mkdir -p "$r/rootfs/$site"
   (cd "$ROOT/python" && git ls-files -co --exclude-standard fljob_launcher | grep '\.py$' | while read -r f; do
@@ -185,8 +188,12 @@ build_one() { # build_one NAME -> prints "NAME REF TAR"
   key="$("key_$name")"
   ref="$(ref_of "$name" "$key")"
   tar="$CACHE/$name-$key.tar"
+  mkdir -p "$CACHE"
+  # One build of an image at a time (two test runs, a demo and a test, may ask at once).
+  local lock
+  exec {lock}>"$CACHE/.$name.lock"
+  flock "$lock"
   if [[ ! -f "$tar" ]]; then
-    mkdir -p "$CACHE"
     local t0=$SECONDS
     log "building $name ($ref)"
     "build_$name" "$tar.tmp" "$ref"
@@ -195,6 +202,7 @@ build_one() { # build_one NAME -> prints "NAME REF TAR"
     find "$CACHE" -maxdepth 1 -name "$name-*.tar" ! -name "$name-$key.tar" -delete
     log "built $name in $((SECONDS - t0))s: $(du -h "$tar" | cut -f1)"
   fi
+  exec {lock}>&-
   echo "$name $ref $tar"
 }
 
