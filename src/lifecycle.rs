@@ -272,6 +272,12 @@ pub fn decide(input: Input<'_>) -> Decision {
         SiteView::Found { site, .. } => *site,
     };
 
+    // The site decides what a job's pod may ask for: a job that asks for more never gets a pod.
+    if let Some(violation) = pod::policy_violation(job, site) {
+        cx.finish(Outcome { phase: Phase::Failed, reason: Some("PolicyViolation"), exit_code: code::CONFIG_ERROR, message: violation });
+        return cx.done();
+    }
+
     if let Some(res) = allocation {
         // Admitted: record the allocation, then create the pod.
         if cx.st.allocation.as_ref() != Some(&res) || !is_true(&cx.st.conditions, cond::ADMITTED) {

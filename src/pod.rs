@@ -71,6 +71,49 @@ pub fn pod_name(job: &FLJob) -> String {
     format!("{prefix}-{suffix}")
 }
 
+/// The first thing in a job's `podTemplate` its site's `podPolicy` does not allow, as a sentence naming the field and
+/// the rule that would allow it. Checked before a job is admitted: the pod never exists.
+pub fn policy_violation(job: &FLJob, site: &FLSite) -> Option<String> {
+    let policy = &site.spec.pod_policy;
+    let tspec = job.spec.pod_template.as_ref()?.spec.as_ref()?;
+    let site_name = site.name_any();
+    let rule = |r: &str| format!("FLSite {site_name} spec.podPolicy.{r}");
+    if let Some(sa) = &tspec.service_account_name
+        && !policy.allowed_service_accounts.iter().any(|a| a == sa)
+    {
+        return Some(format!(
+            "spec.podTemplate.spec.serviceAccountName {sa:?} is not allowed at this site; remove it, or add it to {}",
+            rule("allowedServiceAccounts")
+        ));
+    }
+    for v in &tspec.volumes {
+        let name = &v.name;
+        if v.secret.is_some() && !policy.allow_secret_volumes {
+            return Some(format!("spec.podTemplate.spec.volumes[{name}] mounts a Secret; remove it, or set {}: true", rule("allowSecretVolumes")));
+        }
+        if v.host_path.is_some() && !policy.allow_host_path {
+            return Some(format!("spec.podTemplate.spec.volumes[{name}] is a hostPath; remove it, or set {}: true", rule("allowHostPath")));
+        }
+        for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if src.secret.is_some() && !policy.allow_secret_volumes {
+                return Some(format!("spec.podTemplate.spec.volumes[{name}] projects a Secret; remove it, or set {}: true", rule("allowSecretVolumes")));
+            }
+            if src.service_account_token.is_some() && !policy.allow_token_volumes {
+                return Some(format!(
+                    "spec.podTemplate.spec.volumes[{name}] projects a ServiceAccount token; remove it, or set {}: true",
+                    rule("allowTokenVolumes")
+                ));
+            }
+        }
+    }
+    for e in &tspec.env {
+        if e.value_from.as_ref().is_some_and(|f| f.secret_key_ref.is_some()) && !policy.allow_secret_env {
+            return Some(format!("spec.podTemplate.spec.env[{}] reads a Secret; remove it, or set {}: true", e.name, rule("allowSecretEnv")));
+        }
+    }
+    None
+}
+
 /// The resources a job asks for: its own, else its site's defaults.
 pub fn effective_resources(job: &FLJob, site: &FLSite) -> Resources {
     job.spec.resources.clone().or_else(|| site.spec.defaults.resources.clone()).unwrap_or_default()
@@ -435,6 +478,53 @@ mod tests {
         assert_eq!(limits.get("cpu"), Some(&Quantity("1".into())));
         assert_eq!(limits.get("memory"), Some(&Quantity("1Gi".into())));
         assert!(!limits.contains_key("nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn site_policy_denies_by_default_and_allows_what_it_lists() {
+        use k8s_openapi::api::core::v1::{EnvVarSource, HostPathVolumeSource, ProjectedVolumeSource, ServiceAccountTokenProjection, VolumeProjection};
+        let (mut job, mut site) = job_and_site();
+        assert_eq!(policy_violation(&job, &site), None, "no template, nothing to check");
+        fn spec(job: &mut FLJob) -> &mut crate::api::PodTemplateSpec {
+            job.spec.pod_template.get_or_insert_with(Default::default).spec.get_or_insert_with(Default::default)
+        }
+        spec(&mut job).service_account_name = Some("cluster-admin-ish".into());
+        let v = policy_violation(&job, &site).unwrap();
+        assert!(v.contains("serviceAccountName") && v.contains("allowedServiceAccounts"), "{v}");
+        site.spec.pod_policy.allowed_service_accounts = vec!["cluster-admin-ish".into()];
+        assert_eq!(policy_violation(&job, &site), None);
+
+        spec(&mut job).volumes = vec![Volume {
+            name: "tok".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection { path: "t".into(), ..Default::default() }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        assert!(policy_violation(&job, &site).unwrap().contains("allowTokenVolumes"));
+        site.spec.pod_policy.allow_token_volumes = true;
+        assert_eq!(policy_violation(&job, &site), None);
+
+        spec(&mut job).volumes.push(Volume { name: "s".into(), secret: Some(SecretVolumeSource::default()), ..Default::default() });
+        assert!(policy_violation(&job, &site).unwrap().contains("allowSecretVolumes"));
+        site.spec.pod_policy.allow_secret_volumes = true;
+        spec(&mut job).volumes.push(Volume { name: "h".into(), host_path: Some(HostPathVolumeSource { path: "/".into(), ..Default::default() }), ..Default::default() });
+        assert!(policy_violation(&job, &site).unwrap().contains("allowHostPath"));
+        site.spec.pod_policy.allow_host_path = true;
+
+        spec(&mut job).env = vec![EnvVar {
+            name: "PW".into(),
+            value_from: Some(EnvVarSource { secret_key_ref: Some(SecretKeySelector { name: "db".into(), key: "pw".into(), optional: None }), ..Default::default() }),
+            ..Default::default()
+        }];
+        let v = policy_violation(&job, &site).unwrap();
+        assert!(v.contains("env[PW]") && v.contains("allowSecretEnv"), "{v}");
+        site.spec.pod_policy.allow_secret_env = true;
+        assert_eq!(policy_violation(&job, &site), None);
     }
 
     #[test]

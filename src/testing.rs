@@ -32,6 +32,7 @@ pub fn mk_site(name: &str, capacity: Capacity) -> FLSite {
             },
             capacity,
             pending_timeout_seconds: None,
+            pod_policy: Default::default(),
         },
     );
     s.metadata.namespace = Some("ns".into());

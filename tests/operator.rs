@@ -311,12 +311,16 @@ async fn api_server_validates_bad_input() {
     j.spec.pod_template.as_mut().unwrap().spec.as_mut().unwrap().env =
         vec![k8s_openapi::api::core::v1::EnvVar { name: "NVFLARE_JOB_AUTH_TOKEN".into(), value: Some("x".into()), ..Default::default() }];
     reject(j, &["credentialsSecret"]).await;
-    // jobId and site are immutable; an abort cannot be withdrawn.
-    jobs.create(&PostParams::default(), &job("ok", &[])).await.unwrap();
+    // jobId, site and resources are immutable; an abort cannot be withdrawn.
+    let mut ok = job("ok", &[]);
+    ok.spec.resources = Some(Resources { cpu: Some(Quantity("1".into())), ..Default::default() });
+    jobs.create(&PostParams::default(), &ok).await.unwrap();
     let e = jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"jobId": "other"}}))).await;
     assert!(e.expect_err("immutable").to_string().contains("jobId is immutable"));
     let e = jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"site": "other"}}))).await;
     assert!(e.expect_err("immutable").to_string().contains("site is immutable"));
+    let e = jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"resources": {"cpu": "64"}}}))).await;
+    assert!(e.expect_err("immutable").to_string().contains("resources are immutable"));
     jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": true}}))).await.unwrap();
     let e = jobs.patch("ok", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": false}}))).await;
     assert!(e.expect_err("final").to_string().contains("cannot be withdrawn"));
@@ -446,5 +450,63 @@ async fn readyz_waits_for_synced_caches() {
     }
     assert!(ready, "never ready:\n{}", env.op.logs());
     assert!(env.op.logs().contains("caches synced; ready"));
+    env.done().await;
+}
+
+/// The site decides what a job's pod may ask for: another ServiceAccount, a token projection, a Secret volume or
+/// Secret env fail the job before any pod exists (PolicyViolation, a condition and an Event naming the field and the
+/// rule), without a quota leak, while a job the policy allows runs; allowing it in the FLSite lets the next one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_pod_policy_denies_escalation_by_default() {
+    let env = Env::new("policy", Capacity { jobs: Some(1), ..Default::default() }).await;
+    fn tmpl(j: &mut FLJob) -> &mut PodTemplateSpec {
+        j.spec.pod_template.as_mut().unwrap().spec.as_mut().unwrap()
+    }
+    let mut sa = job("as-admin", &[]);
+    tmpl(&mut sa).service_account_name = Some("admin".into());
+    let mut token: FLJob = job("token", &[]);
+    tmpl(&mut token).volumes = vec![serde_json::from_value(serde_json::json!(
+        {"name": "tok", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "audience": "vault"}}]}}
+    )).unwrap()];
+    let mut secret_env = job("secret-env", &[]);
+    tmpl(&mut secret_env).env = vec![serde_json::from_value(serde_json::json!(
+        {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "site-a-creds", "key": "token"}}}
+    )).unwrap()];
+    for j in [&sa, &token, &secret_env] {
+        env.create(j).await;
+    }
+    env.create(&job("plain", &[])).await;
+    for (name, field, rule) in [
+        ("as-admin", "serviceAccountName", "allowedServiceAccounts"),
+        ("token", "volumes[tok]", "allowTokenVolumes"),
+        ("secret-env", "env[PW]", "allowSecretEnv"),
+    ] {
+        let j = wait_job(&env.jobs, name, 60, finished).await;
+        let s = st(&j);
+        assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (Phase::Failed, Some("PolicyViolation"), Some(103)), "{name}: {s:#?}");
+        let msg = s.message.clone().unwrap_or_default();
+        assert!(msg.contains(field) && msg.contains(rule), "{name}: {msg}");
+        assert!(s.pod_name.is_none() && s.allocation.is_none(), "{name} never had a pod or quota: {s:#?}");
+        let events = env.wait_event(name, "PolicyViolation:").await;
+        assert!(events.iter().any(|e| e.contains(rule)), "{events:?}");
+    }
+    let plain = wait_job(&env.jobs, "plain", 60, finished).await;
+    assert_eq!(st(&plain).phase, Phase::Succeeded, "the allowed job ran: {:#?}", st(&plain));
+    let pods: Api<Pod> = env.ns.api();
+    let names: Vec<String> = pods.list(&ListParams::default()).await.unwrap().items.iter().map(|p| p.name_any()).collect();
+    assert_eq!(names.len(), 1, "only the allowed job got a pod: {names:?}");
+    // The site allows that ServiceAccount: a new job asking for it runs.
+    let sites: Api<FLSite> = env.ns.api();
+    let patch = serde_json::json!({"spec": {"podPolicy": {"allowedServiceAccounts": ["admin"]}}});
+    sites.patch("site-a", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = env.ns.api();
+    sas.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "admin"}})).unwrap()).await.unwrap();
+    let mut again = job("as-admin-2", &[]);
+    tmpl(&mut again).service_account_name = Some("admin".into());
+    env.create(&again).await;
+    let j = wait_job(&env.jobs, "as-admin-2", 60, finished).await;
+    assert_eq!(st(&j).phase, Phase::Succeeded, "{:#?}", st(&j));
+    let drained = |s: &FLSite| s.status.as_ref().is_some_and(|st| st.allocations.is_empty() && st.used.jobs == 0);
+    common::wait_for(&sites, "site-a", Duration::from_secs(30), drained).await.expect("no quota leak");
     env.done().await;
 }

@@ -41,6 +41,8 @@ fn real_site(capacity: Capacity) -> FLSite {
     s.spec.defaults.image = image("busybox");
     s.spec.defaults.python_path = Some("/bin/fake-worker".into());
     s.spec.defaults.resources = Some(Resources { cpu: Some(Quantity("100m".into())), memory: Some(Quantity("64Mi".into())), gpus: None, ephemeral_storage: None });
+    // One test reads a Secret key from the template's env (to get a real CreateContainerConfigError).
+    s.spec.pod_policy.allow_secret_env = true;
     s
 }
 

@@ -59,8 +59,10 @@ pub struct FLJobSpec {
     #[x_kube(validation = Rule::new("self.all(o, o.matches('^[A-Za-z_][A-Za-z0-9_.-]*=[^\\\\s]*$'))").message("every option must be key=value without spaces, for example secure_train=true"))]
     pub options: Vec<String>,
     /// What the job needs; requests equal limits; `gpus` becomes `nvidia.com/gpu`; counted against the site's quota.
-    /// The site's default resources when absent.
+    /// The site's default resources when absent. Immutable: the site admits a job for what it asked; create a new
+    /// FLJob to ask for more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("resources are immutable (the site admitted the job for them); create a new FLJob to change them"))]
     pub resources: Option<Resources>,
     /// Secret with keys `token`, `signature`, `ssid` (and `transferToken` with `workspaceOwner`) for this job only;
     /// the site's `credentialsSecret` when absent. The launcher creates one per job, so it never goes stale.

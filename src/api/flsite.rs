@@ -66,6 +66,34 @@ pub struct FLSiteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub pending_timeout_seconds: Option<i64>,
+    /// What a job's `podTemplate` may ask for beyond the worker's own pod. Nothing by default: whoever may create an
+    /// FLJob must not thereby act as another ServiceAccount or read the namespace's Secrets.
+    #[serde(default)]
+    pub pod_policy: PodPolicy,
+}
+
+/// A site's rules for `FLJob.spec.podTemplate`, checked by the operator before a job is admitted; a job that
+/// breaks one fails with reason PolicyViolation, a condition and an Event naming the field and the rule to change.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodPolicy {
+    /// ServiceAccounts a job may run as (`podTemplate.spec.serviceAccountName`). Empty: none (the worker runs as
+    /// the namespace's `default` ServiceAccount, with no token mounted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    pub allowed_service_accounts: Vec<String>,
+    /// May `podTemplate.spec.volumes` mount Secrets (`secret`, or `projected` with a `secret` source)?
+    #[serde(default)]
+    pub allow_secret_volumes: bool,
+    /// May `podTemplate.spec.volumes` project ServiceAccount tokens (`projected.sources[].serviceAccountToken`)?
+    #[serde(default)]
+    pub allow_token_volumes: bool,
+    /// May `podTemplate.spec.env` read Secrets (`valueFrom.secretKeyRef`)?
+    #[serde(default)]
+    pub allow_secret_env: bool,
+    /// May `podTemplate.spec.volumes` use `hostPath`?
+    #[serde(default)]
+    pub allow_host_path: bool,
 }
 
 /// The FL server's address.

@@ -191,6 +191,7 @@ pub fn site(capacity: Capacity) -> FLSite {
             },
             capacity,
             pending_timeout_seconds: None,
+            pod_policy: Default::default(),
         },
     )
 }
