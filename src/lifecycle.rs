@@ -321,8 +321,20 @@ pub fn decide(input: Input<'_>) -> Decision {
             cx.finish(Outcome { phase: Phase::Failed, reason: Some("ConfigError"), exit_code: code::CONFIG_ERROR, message: msg });
         }
         Ok(want) => {
-            let never = quota::shortfall(&site.spec.capacity, quota::Amount::default(), want);
-            if !never.is_empty() {
+            // Only what the job asks beyond the site's whole pool, at the job's first admission check, fails it:
+            // `capacity.jobs: 0` pauses a site, and a capacity lowered later leaves queued jobs waiting.
+            let never: Vec<String> =
+                quota::shortfall(&site.spec.capacity, quota::Amount::default(), want).into_iter().filter(|s| !s.starts_with("jobs:")).collect();
+            let first_check = !cx.st.conditions.iter().any(|c| c.type_ == cond::ADMITTED);
+            if !never.is_empty() && !first_check {
+                cx.phase(Phase::Queued);
+                let msg = format!(
+                    "site {} has less in total than this job needs now ({}); it waits until the capacity is raised again",
+                    site.name_any(),
+                    never.join("; ")
+                );
+                cx.cond(cond::ADMITTED, false, "ExceedsCapacityNow", msg);
+            } else if !never.is_empty() {
                 cx.finish(Outcome {
                     phase: Phase::Failed,
                     reason: Some("ExceedsCapacity"),

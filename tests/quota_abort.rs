@@ -392,3 +392,39 @@ async fn a_recreated_site_still_counts_the_jobs_that_run() {
     assert_eq!(st(&next).phase, Phase::Succeeded);
     env.done().await;
 }
+
+/// Pausing a site (`capacity.jobs: 0`) or shrinking its pool below what queued jobs need never fails them: they wait,
+/// saying why, and run once the capacity is back. Jobs created while it is paused queue too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_a_site_keeps_its_queue_and_resuming_runs_it() {
+    let env = Env::new("pause", Capacity { jobs: Some(1), gpus: Some(2), ..Default::default() }).await;
+    env.create(&job("running", &[("sim.fljob.dev/run-seconds", "never")])).await;
+    wait_job(&env.jobs, "running", 60, |j| st(j).phase == Phase::Running).await;
+    let mut gpu = job("gpu-queued", &[]);
+    gpu.spec.resources = Some(Resources { gpus: Some(2), ..Default::default() });
+    env.create(&gpu).await;
+    wait_job(&env.jobs, "gpu-queued", 30, |j| st(j).phase == Phase::Queued).await;
+    let sites: Api<FLSite> = env.ns.api();
+    let set = |cap: serde_json::Value| {
+        let sites = sites.clone();
+        async move { sites.patch("site-a", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"capacity": cap}}))).await.unwrap() }
+    };
+    set(serde_json::json!({"jobs": 0, "gpus": 1})).await;
+    env.create(&job("while-paused", &[])).await;
+    wait_job(&env.jobs, "while-paused", 30, |j| st(j).phase == Phase::Queued).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let q = env.jobs.get("gpu-queued").await.unwrap();
+    assert_eq!(st(&q).phase, Phase::Queued, "a queued job is never failed by a smaller pool: {:#?}", st(&q));
+    let admitted = st(&q).conditions.into_iter().find(|c| c.type_ == "Admitted").unwrap();
+    assert_eq!(admitted.reason, "ExceedsCapacityNow", "{admitted:?}");
+    assert!(admitted.message.contains("gpus: needs 2"), "{admitted:?}");
+    assert_eq!(st(&env.jobs.get("running").await.unwrap()).phase, Phase::Running, "pausing evicts nothing");
+    // Resume: abort the long one and raise the capacity; the queue drains in order.
+    env.jobs.patch("running", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": true}}))).await.unwrap();
+    set(serde_json::json!({"jobs": 1, "gpus": 2})).await;
+    for n in ["gpu-queued", "while-paused"] {
+        let j = wait_job(&env.jobs, n, 90, finished).await;
+        assert_eq!(st(&j).phase, Phase::Succeeded, "{n}: {:#?}", st(&j));
+    }
+    env.done().await;
+}
