@@ -36,6 +36,7 @@ def load(paths):
 
 
 def for_real_node(obj, image):
+    obj.get("metadata", {}).pop("namespace", None)  # kubectl's dry run fills in "default"; apply -n decides
     small = {"cpu": "100m", "memory": "64Mi"}
     if obj["kind"] == "FLSite":
         d = obj["spec"].setdefault("defaults", {})
