@@ -1,13 +1,27 @@
 //! Leader election on a `coordination.k8s.io` Lease, so that of several replicas exactly one reconciles.
 //! The lease is renewed well inside its duration; a replica that cannot renew in time stops (and is restarted
 //! by its Deployment) rather than risk two leaders. On shutdown the lease is handed back at once.
+//!
+//! As in client-go, a candidate never compares the holder's `renewTime` with its own clock (the two clocks may
+//! disagree by any amount): it notes, on its own monotonic clock, when it last saw the lease record change, and
+//! takes the lease only when the record has not changed for a whole lease duration. Every API call of a renewal
+//! has a deadline, so a hung request cannot keep a leader that can no longer prove it is one.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{info, warn};
+
+/// The lease record as last seen, and when (on this replica's monotonic clock) it was first seen so.
+#[derive(Debug)]
+struct Observed {
+    record: String,
+    at: Instant,
+}
 
 /// Leader election settings.
 #[derive(Clone, Debug)]
@@ -19,6 +33,10 @@ pub struct Elector {
     pub lease_duration: Duration,
     /// How often the leader renews and candidates retry.
     pub retry_period: Duration,
+    /// How long the leader keeps trying to renew before it steps down (client-go's renewDeadline); also the
+    /// deadline of each attempt.
+    pub renew_deadline: Duration,
+    observed: Arc<Mutex<Option<Observed>>>,
 }
 
 impl Elector {
@@ -30,6 +48,21 @@ impl Elector {
             identity: identity.into(),
             lease_duration,
             retry_period: lease_duration / 5,
+            renew_deadline: lease_duration * 2 / 3,
+            observed: Arc::default(),
+        }
+    }
+
+    /// When this replica first saw the lease as it is now (a new record restarts the clock).
+    fn observed_at(&self, record: String) -> Instant {
+        let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        match &*o {
+            Some(seen) if seen.record == record => seen.at,
+            _ => {
+                let now = Instant::now();
+                *o = Some(Observed { record, at: now });
+                now
+            }
         }
     }
 
@@ -61,14 +94,15 @@ impl Elector {
         let spec = lease.spec.get_or_insert_with(Default::default);
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
         let held_for = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(secs).max(1) as u64);
-        let expired = match (&spec.renew_time, spec.holder_identity.as_deref()) {
-            (_, None) | (_, Some("")) => true,
-            (None, _) => true,
-            (Some(t), _) => {
-                let age_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond() - t.0.as_millisecond();
-                age_ms > held_for.as_millis() as i64
-            }
-        };
+        let record = format!(
+            "{:?}|{:?}|{:?}|{:?}",
+            spec.holder_identity,
+            spec.renew_time.as_ref().map(|t| t.0),
+            spec.lease_transitions,
+            lease.metadata.resource_version
+        );
+        let unheld = matches!(spec.holder_identity.as_deref(), None | Some(""));
+        let expired = unheld || self.observed_at(record).elapsed() > held_for;
         if !mine && !expired {
             return Ok(false);
         }
@@ -86,11 +120,19 @@ impl Elector {
         }
     }
 
+    /// One attempt within `deadline`; a request that hangs counts as a failed attempt.
+    async fn attempt(&self, deadline: Duration) -> kube::Result<bool> {
+        match tokio::time::timeout(deadline, self.try_acquire()).await {
+            Ok(r) => r,
+            Err(_) => Err(kube::Error::Service(format!("no answer within {deadline:?}").into())),
+        }
+    }
+
     /// Waits until this replica holds the lease.
     pub async fn acquire(&self) {
         info!(lease = %self.name, identity = %self.identity, "waiting to become leader");
         loop {
-            match self.try_acquire().await {
+            match self.attempt(self.renew_deadline).await {
                 Ok(true) => {
                     info!(lease = %self.name, "became leader");
                     return;
@@ -102,21 +144,22 @@ impl Elector {
         }
     }
 
-    /// Renews the lease until a renewal cannot be made within the lease duration; then returns.
+    /// Renews the lease until a renewal cannot be made within the renew deadline; then returns. A standby only
+    /// takes over a whole lease duration after the last renewal it saw, so the leader stops well before that.
     pub async fn hold(&self) {
-        let mut last_ok = tokio::time::Instant::now();
+        let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(self.retry_period).await;
-            match self.try_acquire().await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
+            let left = self.renew_deadline.saturating_sub(last_ok.elapsed());
+            match self.attempt(left.max(Duration::from_millis(1))).await {
+                Ok(true) => last_ok = Instant::now(),
                 Ok(false) => {
                     warn!(lease = %self.name, "lost the lease to another replica");
                     return;
                 }
                 Err(e) => warn!(error = %e, "renewing the lease failed"),
             }
-            // Stop before another replica may consider the lease expired.
-            if last_ok.elapsed() + self.retry_period >= self.lease_duration {
+            if last_ok.elapsed() + self.retry_period >= self.renew_deadline {
                 warn!(lease = %self.name, "could not renew the lease in time");
                 return;
             }

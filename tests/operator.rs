@@ -510,3 +510,60 @@ async fn site_pod_policy_denies_escalation_by_default() {
     common::wait_for(&sites, "site-a", Duration::from_secs(30), drained).await.expect("no quota leak");
     env.done().await;
 }
+
+/// Leader election judges a lease by what this replica saw change and when (its own monotonic clock), never by the
+/// holder's `renewTime`: a live holder whose clock runs an hour behind keeps its lease, and a dead one whose clock ran
+/// an hour ahead loses it after one lease duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_does_not_trust_the_holders_clock() {
+    use fljob_operator::leader::Elector;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    let client = common::client().await;
+    let ns = common::namespace(&client, "lease-clock").await;
+    let leases: Api<Lease> = ns.api();
+    let shifted = |by: i64| MicroTime(Timestamp::now().checked_add(SignedDuration::from_secs(by)).unwrap());
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "l"},
+        "spec": {"holderIdentity": "other", "leaseDurationSeconds": 3, "renewTime": shifted(-3600), "leaseTransitions": 0}
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+    // The live holder, an hour behind: renews every 500 ms.
+    let renewer = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut l = leases.get("l").await.unwrap();
+                l.spec.as_mut().unwrap().renew_time = Some(shifted(-3600));
+                let _ = leases.replace("l", &PostParams::default(), &l).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let me = Elector::new(client.clone(), ns.name(), "l", "me", Duration::from_secs(3));
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        assert!(!me.try_acquire().await.unwrap(), "took a live holder's lease because its clock is behind");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    renewer.abort();
+    // Dead now, and its last renewTime an hour in the future.
+    let mut l = leases.get("l").await.unwrap();
+    l.spec.as_mut().unwrap().renew_time = Some(shifted(3600));
+    leases.replace("l", &PostParams::default(), &l).await.unwrap();
+    let dead_at = std::time::Instant::now();
+    loop {
+        if me.try_acquire().await.unwrap() {
+            break;
+        }
+        assert!(dead_at.elapsed() < Duration::from_secs(10), "never took over from a dead holder whose clock was ahead");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let took = dead_at.elapsed().as_secs_f64();
+    assert!(took >= 2.9, "took over before a whole lease duration: {took}");
+    assert_eq!(leases.get("l").await.unwrap().spec.unwrap().holder_identity.as_deref(), Some("me"));
+    println!("lease: kept by a live holder 1h behind for 6 s; taken {took:.1}s after a holder 1h ahead stopped");
+    ns.cleanup().await;
+}
