@@ -563,3 +563,44 @@ async fn chart_leader_election_takeover() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir); // kept when the test fails: operator logs, kubeconfig
     Ok(())
 }
+
+/// A job the operator cannot check (its Secret is outside `rbac.secretNames`, so the GET is forbidden) says so in
+/// its status and an Event, and does not hold back the jobs created after it: they run.
+#[tokio::test]
+async fn a_job_the_operator_cannot_check_does_not_block_its_site() -> Result<()> {
+    let client = common::client().await;
+    let ns = restricted_namespace(&client, "blocked").await;
+    let ns_name = ns.name().to_string();
+    let dir = tempdir(&format!("blocked-{ns_name}"))?;
+    let values = values_file(&dir, "rbac:\n  secretNames: [site-a-job-creds, site-a-startup]\n")?;
+    helm(&["install", RELEASE, CHART, "-n", &ns_name, "-f", values.to_str().context("path")?, "--set", "replicaCount=0", "--wait", "--timeout", "120s"])?;
+    site_secrets(&client, &ns_name).await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns_name);
+    let other: Secret = serde_json::from_value(json!({"metadata": {"name": "not-listed"}, "stringData": {"token": "t", "signature": "s", "ssid": "i"}}))?;
+    secrets.create(&PostParams::default(), &other).await?;
+    let kubeconfig = sa_kubeconfig(&ns_name, &dir)?;
+    let mut op = Operator::start(&client, &kubeconfig, &ns_name, "blocked-op", &dir).await?;
+    wait_http_ok(&mut op, "/readyz", Duration::from_secs(60)).await?;
+    create_job_with(&client, &ns_name, "first", json!({"credentialsSecret": "not-listed"}), "1").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    create_job(&client, &ns_name, "second").await?;
+    let done = wait_phase(&client, &ns_name, "second", "Succeeded", Duration::from_secs(60)).await?;
+    ensure!(done.data.pointer("/status/exitCode") == Some(&json!(0)), "{}", done.data["status"]);
+    let first = fljob_api(&client, &ns_name).get("first").await?;
+    let conds = first.data.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+    let resolved = conds.iter().find(|c| c["type"] == "Resolved").context("first has no Resolved condition")?;
+    ensure!(resolved["status"] == "False" && resolved["reason"] == "ReconcileError", "{resolved}");
+    ensure!(resolved["message"].as_str().unwrap_or("").contains("forbidden"), "{resolved}");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns_name);
+    let listed = events.list(&ListParams::default()).await?;
+    ensure!(
+        listed.items.iter().any(|e| e.reason.as_deref() == Some("ReconcileError") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("first")),
+        "no ReconcileError Event for first"
+    );
+    delete_jobs(&client, &ns_name, &["first", "second"], Duration::from_secs(60)).await?;
+    drop(op);
+    helm(&["uninstall", RELEASE, "-n", &ns_name, "--wait", "--timeout", "120s"])?;
+    ns.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -51,7 +51,37 @@ pub fn controller(
 #[instrument(skip(job, ctx), fields(fljob = %job.name_any(), namespace = job.namespace().unwrap_or_default(), site = %job.spec.site))]
 pub async fn reconcile(job: Arc<FLJob>, ctx: Arc<Context>) -> Result<Action> {
     let key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
-    ctx.measured("fljob", &key, reconcile_inner(&job, &ctx)).await
+    let result = ctx.measured("fljob", &key, reconcile_inner(&job, &ctx)).await;
+    if let Err(e) = &result
+        && !matches!(e, Error::Conflict(_))
+    {
+        report_unresolved(&ctx, &job, e).await;
+    }
+    result
+}
+
+/// A job the operator cannot get past its first checks (say, the Secret GET is forbidden) must not stay
+/// undecided: admission waits for undecided jobs created earlier, so it would hold its whole site's queue. Record
+/// why it cannot proceed (Resolved=False, an Event), which lets later jobs go ahead; it is retried with backoff, and
+/// the first reconcile that gets through resolves it.
+async fn report_unresolved(ctx: &Context, job: &FLJob, error: &Error) {
+    let old = job.status.clone().unwrap_or_default();
+    if old.phase.is_finished() || crate::api::find_condition(&old.conditions, lifecycle::cond::RESOLVED).is_some() {
+        return;
+    }
+    let mut st = old.clone();
+    let msg = format!("the operator cannot check this job yet: {error}; it retries with a growing delay");
+    let c = crate::api::condition(lifecycle::cond::RESOLVED, false, "ReconcileError", msg.clone(), job.metadata.generation, &now());
+    crate::api::set_condition(&mut st.conditions, c);
+    if st.client_status.is_none() {
+        st.client_status = Some(crate::status::client_status::NOT_STARTED.into());
+    }
+    let jobs: Api<FLJob> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    if let Err(e) = write_status(ctx, &jobs, job, &old, &st).await {
+        warn!(error = %e, "could not record the reconcile error in the status");
+        return;
+    }
+    publish(ctx, job, &Note { warning: true, reason: "ReconcileError".into(), message: msg }).await;
 }
 
 async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
