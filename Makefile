@@ -2,7 +2,7 @@
 # (hack/tools/) into ~/.cache/fljob-operator/<versions>/bin and run on 127.0.0.1.
 SHELL := /usr/bin/env bash
 
-.PHONY: tools cluster-up cluster-down cluster-status kubeconfig test demo demo-down
+.PHONY: tools cluster-up cluster-down cluster-status kubeconfig test demo demo-down e2e
 
 tools: ## build (or reuse) kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm
 	@hack/tools.sh >/dev/null
@@ -27,3 +27,15 @@ demo: ## local cluster + chart + operator from this tree + the examples, watched
 
 demo-down: ## stop the demo's operator and the cluster
 	@hack/demo.sh down
+
+e2e: ## real NVFlare 2.9.0 jobs on the real node through the operator, and through NVFlare's own K8s launcher (python/tests/test_e2e.py)
+	@FLJOB_REAL_NODES=1 hack/cluster.sh up
+	@set -euo pipefail; D="$${FLJOB_CLUSTER_DIR:-/tmp/fljob-cluster}"; \
+	  out="$$(hack/images.sh import "$$D/realnode/containerd.sock" worker)"; ref="$$(awk '$$1 == "worker" {print $$2}' <<<"$$out")"; \
+	  cargo build --locked --bin fljob-operator; \
+	  FLJOB_VENV="$${FLJOB_VENV:-$(CURDIR)/python/.venv}" python/run-tests.sh --version >/dev/null; \
+	  cd python && FLJOB_REQUIRE_REAL_NODE=1 FLJOB_IMAGE_WORKER="$$ref" FLJOB_REAL_NODE="$${FLJOB_REAL_NODE_NAME:-real-node-0}" \
+	  FLJOB_TEST_KUBECONFIG="$$(cd .. && hack/cluster.sh kubeconfig)" FLJOB_TOOLS_BIN="$$D/bin" \
+	  FLJOB_OPERATOR_BIN="$(CURDIR)/target/debug/fljob-operator" \
+	  "$${FLJOB_VENV:-$(CURDIR)/python/.venv}/bin/python" -m pytest -p no:cacheprovider -s -v \
+	    -W ignore::pytest.PytestUnknownMarkWarning tests/test_e2e.py

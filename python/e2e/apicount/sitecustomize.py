@@ -2,7 +2,7 @@
 
 Active only when FLJOB_E2E_API_LOG names a file: then `kubernetes.client.ApiClient.call_api` is wrapped at
 interpreter start-up (this directory is put on the PYTHONPATH of the NVFlare client parent), and each request
-appends one JSON line {"t", "method", "path", "name", "watch"} to that file. A watch is one request, as it is for
+appends one JSON line {"t", "method", "path", "watch"} to that file. A watch is one request, as it is for
 the API server. Nothing else changes: the call goes through unmodified.
 """
 
@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+import urllib.parse
 
 _LOG = os.environ.get("FLJOB_E2E_API_LOG")
 
@@ -22,20 +23,27 @@ def _install(log_path):
         return
     lock = threading.Lock()
 
-    def call_api(self, resource_path, method, path_params=None, query_params=None, *args, **kwargs):
-        params = dict(path_params or {})
-        query = dict(query_params or []) if query_params else {}
-        rec = {
-            "t": time.time(),
-            "method": method,
-            "path": resource_path,
-            "name": params.get("name"),
-            "watch": bool(query.get("watch")),
-        }
+    methods = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+
+    def call_api(self, *args, **kwargs):
+        # kubernetes >= 31: call_api(method, url, ...) with the URL complete; older: call_api(resource_path, method,
+        # path_params, query_params, ...) with a path template.
+        a0, a1 = (list(args) + [None, None])[:2]
+        if isinstance(a0, str) and a0.upper() in methods:
+            method, url, query = a0, urllib.parse.urlsplit(a1 or ""), None
+            path, query = url.path, dict(urllib.parse.parse_qsl(url.query))
+        else:
+            method, path = a1 or kwargs.get("method"), a0 or kwargs.get("resource_path") or ""
+            for k, v in (args[2] if len(args) > 2 and args[2] else kwargs.get("path_params") or {}).items():
+                path = path.replace("{" + k + "}", str(v))
+            q = args[3] if len(args) > 3 else kwargs.get("query_params")
+            query = dict(q or [])
+        rec = {"t": time.time(), "method": str(method).upper(), "path": path,
+               "watch": str(query.get("watch", "")).lower() in ("true", "1")}
         with lock:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        return original(self, resource_path, method, path_params, query_params, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
     call_api._fljob_e2e_counted = True
     api_client.ApiClient.call_api = call_api

@@ -1,0 +1,889 @@
+"""Issue 10, end to end on the real node: real NVFlare 2.9.0 jobs -> FLJobLauncher -> FLJob -> fljob-operator ->
+worker Pod (real container, real NVFlare worker) -> FLJob status -> NVFlare; and the same job through NVFlare's
+stock ClientK8sJobLauncher on the same cluster, compared.
+
+Needs (else skipped; FAILS instead when FLJOB_REQUIRE_REAL_NODE=1):
+  FLJOB_TEST_KUBECONFIG  admin kubeconfig of hack/cluster.sh (FLJOB_REAL_NODES=1)
+  FLJOB_OPERATOR_BIN     the fljob-operator binary
+  FLJOB_REAL_NODE        the real node's name (labelled and tainted fljob.dev/real-node=true)
+  FLJOB_IMAGE_WORKER     the worker image ref, imported into the node (hack/images.sh import ... worker)
+Optional: FLJOB_TOOLS_BIN (kubectl), FLJOB_E2E_DIR (work dir; default a pytest tmp dir).
+
+Two NVFlare projects run on 127.0.0.1 (python/e2e/poc.py): "fljob" (client site-1, launcher FLJobLauncher,
+namespace A, FLSite site-a, the operator running for A) and "stock" (client site-2, launcher ClientK8sJobLauncher,
+namespace B). Each client parent's Kubernetes client talks as its own ServiceAccount, with the RBAC its launcher
+documents / needs. Every API request a parent makes is counted by wrapping kubernetes' ApiClient.call_api
+(python/e2e/apicount/sitecustomize.py); the operator's are its own fljob_api_requests_total counter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).resolve().parent
+PY_DIR = HERE.parent
+REPO = PY_DIR.parent
+if str(PY_DIR) not in sys.path:
+    sys.path.insert(0, str(PY_DIR))
+
+GROUP, VERSION = "fljob.dev", "v1alpha1"
+SITE = "site-a"  # FLSite name
+CLIENT = "site-1"  # NVFlare client of the FLJobLauncher project
+STOCK_CLIENT = "site-2"  # NVFlare client of the stock-launcher project
+REAL_LABEL = "fljob.dev/real-node"
+TERMINAL = {"Succeeded", "Failed", "Aborted"}
+TRAIN_MARK = "Task name: train"  # NPTrainer logs it when it gets the train task: the worker is training
+RESOURCES = {"cpu": "500m", "memory": "1Gi"}
+ABORT_GRACE = 30
+
+
+# ----- environment ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env():
+    names = ("FLJOB_TEST_KUBECONFIG", "FLJOB_OPERATOR_BIN", "FLJOB_REAL_NODE", "FLJOB_IMAGE_WORKER")
+    vals = {n: os.environ.get(n) for n in names}
+    missing = [n for n, v in vals.items() if not v]
+    problems = []
+    if missing:
+        problems.append(f"{', '.join(missing)} not set")
+    elif not os.path.isfile(vals["FLJOB_TEST_KUBECONFIG"]):
+        problems.append(f"FLJOB_TEST_KUBECONFIG={vals['FLJOB_TEST_KUBECONFIG']} does not exist")
+    elif not os.access(vals["FLJOB_OPERATOR_BIN"], os.X_OK):
+        problems.append(f"FLJOB_OPERATOR_BIN={vals['FLJOB_OPERATOR_BIN']} is not executable")
+    if not problems:
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(config_file=vals["FLJOB_TEST_KUBECONFIG"], persist_config=False)
+        try:
+            node = client.CoreV1Api(api).read_node(vals["FLJOB_REAL_NODE"], _request_timeout=10)
+            ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+            if not ready:
+                problems.append(f"node {vals['FLJOB_REAL_NODE']} is not Ready")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"node {vals['FLJOB_REAL_NODE']} not readable: {e}")
+    if problems:
+        msg = "e2e test needs the real node (make e2e): " + "; ".join(problems)
+        if os.environ.get("FLJOB_REQUIRE_REAL_NODE") == "1":
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    kubectl = shutil.which("kubectl", path=os.environ.get("FLJOB_TOOLS_BIN") or None) or shutil.which("kubectl")
+    assert kubectl, "kubectl not found (FLJOB_TOOLS_BIN)"
+    return {
+        "kubeconfig": vals["FLJOB_TEST_KUBECONFIG"],
+        "operator": vals["FLJOB_OPERATOR_BIN"],
+        "node": vals["FLJOB_REAL_NODE"],
+        "image": vals["FLJOB_IMAGE_WORKER"],
+        "kubectl": kubectl,
+        "api": api,
+    }
+
+
+def log(msg):
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def wait_for(pred, timeout, what, interval=0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not after {timeout} s (last: {last!r})")
+
+
+# ----- Kubernetes helpers -----------------------------------------------------------------------------------------
+
+
+def kubectl(env, *args, check=True):
+    r = subprocess.run(
+        [env["kubectl"], "--kubeconfig", env["kubeconfig"], *args], capture_output=True, text=True, timeout=60
+    )
+    if check and r.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def ensure_crds(env):
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    ext = client.ApiextensionsV1Api(env["api"])
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            try:
+                ext.read_custom_resource_definition(doc["metadata"]["name"])
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                ext.create_custom_resource_definition(doc)
+    kubectl(env, "wait", "--for=condition=Established", "--timeout=60s", "crd/fljobs.fljob.dev",
+            "crd/flsites.fljob.dev")
+
+
+def make_namespace(env, name):
+    from kubernetes import client
+
+    core = client.CoreV1Api(env["api"])
+    core.create_namespace(
+        client.V1Namespace(
+            metadata=client.V1ObjectMeta(
+                name=name,
+                labels={"fljob.dev/test": "true", "pod-security.kubernetes.io/enforce": "restricted"},
+            )
+        )
+    )
+    wait_for(
+        lambda: any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items),
+        30, f"default ServiceAccount in {name}",
+    )
+
+
+def sa_kubeconfig(env, ns, sa, rules, path: Path) -> Path:
+    """A ServiceAccount with a Role of exactly `rules`, and a kubeconfig that talks as it (a bound token)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(env["api"])
+    rbac = client.RbacAuthorizationV1Api(env["api"])
+    core.create_namespaced_service_account(ns, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=sa)))
+    rbac.create_namespaced_role(ns, {"metadata": {"name": sa}, "rules": rules})
+    rbac.create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": sa},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
+        },
+    )
+    token = kubectl(env, "-n", ns, "create", "token", sa, "--duration=2h").strip()
+    admin = yaml.safe_load(Path(env["kubeconfig"]).read_text())
+    cluster = admin["clusters"][0]
+    kc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": cluster["name"], "user": sa, "namespace": ns}}],
+        "current-context": sa,
+    }
+    path.write_text(yaml.safe_dump(kc))
+    path.chmod(0o600)
+    return path
+
+
+def node_placement(env):
+    return {
+        "nodeSelector": {REAL_LABEL: "true"},
+        "tolerations": [{"key": REAL_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
+    }
+
+
+class Watcher(threading.Thread):
+    """Watches one kind in a namespace and keeps what the test checks afterwards: every pod UID ever seen (with
+    its owner), every FLJob phase ever seen, in order."""
+
+    def __init__(self, env, ns, kind):
+        super().__init__(daemon=True)
+        self.env, self.ns, self.kind = env, ns, kind
+        self.pod_uids = defaultdict(set)  # owner (FLJob name, or the pod's own name if unowned) -> {uid}
+        self.phases = defaultdict(list)  # FLJob name -> [phase (Queued/<Admitted reason>), ...], changes only
+        self.times = defaultdict(list)  # FLJob name -> [(monotonic time, phase), ...]
+        self.created = {}  # FLJob name -> creationTimestamp
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self):
+        from kubernetes import client, watch
+
+        core = client.CoreV1Api(self.env["api"])
+        custom = client.CustomObjectsApi(self.env["api"])
+        rv = None
+        while not self.stop_flag.is_set():
+            try:
+                if self.kind == "pods":
+                    lst = core.list_namespaced_pod(self.ns, _request_timeout=10)
+                    items = [(None, p.to_dict()) for p in lst.items]
+                    rv = lst.metadata.resource_version
+                    fn, kw = core.list_namespaced_pod, {}
+                else:
+                    lst = custom.list_namespaced_custom_object(GROUP, VERSION, self.ns, "fljobs", _request_timeout=10)
+                    items = [(None, o) for o in lst.get("items") or []]
+                    rv = lst["metadata"]["resourceVersion"]
+                    fn, kw = custom.list_namespaced_custom_object, {"group": GROUP, "version": VERSION,
+                                                                     "namespace": self.ns, "plural": "fljobs"}
+                for _, o in items:
+                    self._see(o)
+                w = watch.Watch()
+                args = (self.ns,) if self.kind == "pods" else ()
+                for ev in w.stream(fn, *args, resource_version=rv, timeout_seconds=20, **kw):
+                    o = ev["object"]
+                    if not isinstance(o, dict):
+                        o = o.to_dict()
+                    self._see(o)
+                    if self.stop_flag.is_set():
+                        w.stop()
+                        break
+            except Exception as e:  # noqa: BLE001 - re-list (410 Gone, timeouts)
+                if not self.stop_flag.is_set():
+                    time.sleep(0.5)
+                _ = e
+
+    def _see(self, o):
+        md = o.get("metadata") or {}
+        with self.lock:
+            if self.kind == "pods":
+                owners = md.get("owner_references") or md.get("ownerReferences") or []
+                owner = owners[0]["name"] if owners else md.get("name")
+                self.pod_uids[owner].add(md.get("uid"))
+            else:
+                name = md.get("name")
+                self.created.setdefault(name, md.get("creationTimestamp"))
+                st = o.get("status") or {}
+                phase = st.get("phase")
+                reason = next((c.get("reason") for c in st.get("conditions") or [] if c.get("type") == "Admitted"),
+                              None)
+                seen = f"{phase}/{reason}" if phase == "Queued" else phase
+                if phase and (not self.phases[name] or self.phases[name][-1] != seen):
+                    self.phases[name].append(seen)
+                    self.times[name].append((time.monotonic(), seen))
+
+
+def metrics(port):
+    """fljob_api_requests_total{verb,resource} of the operator, as {(verb, resource): count}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r'^fljob_api_requests_total\{([^}]*)\}\s+([0-9.e+]+)$', line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            out[(labels.get("verb"), labels.get("resource"))] = float(m.group(2))
+    return out
+
+
+def metrics_delta(a, b):
+    return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) - a.get(k, 0)}
+
+
+class Operator:
+    def __init__(self, env, ns, port, logdir: Path):
+        self.env, self.ns, self.port, self.logdir = env, ns, port, logdir
+        self.proc = None
+        self.starts = 0
+
+    def start(self):
+        self.starts += 1
+        logf = open(self.logdir / f"operator-{self.starts}.log", "ab")
+        e = dict(os.environ, KUBECONFIG=self.env["kubeconfig"], RUST_LOG=os.environ.get("RUST_LOG", "info"))
+        self.proc = subprocess.Popen(
+            [self.env["operator"], "run", "--namespace", self.ns, "--metrics-addr", f"127.0.0.1:{self.port}"],
+            stdout=logf, stderr=subprocess.STDOUT, env=e,
+        )
+
+        def ready():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status == 200
+            except Exception:  # noqa: BLE001
+                assert self.proc.poll() is None, f"operator exited {self.proc.returncode}; see {self.logdir}"
+                return False
+
+        wait_for(ready, 30, "operator /readyz")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def api_log(path: Path):
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def api_summary(recs):
+    """{"verb resource": n}, verbs as the API server names them (list/watch/get/create/patch/update/delete)."""
+    c = Counter()
+    for r in recs:
+        parts = [x for x in r["path"].split("/") if x]
+        if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+            rest = parts[parts.index("namespaces") + 2:]
+        else:
+            rest = parts[-2:]
+        resource = rest[0] + ("/" + rest[2] if len(rest) > 2 else "")
+        named = len(rest) > 1
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(r["method"])
+        if verb is None:
+            verb = "watch" if r["watch"] else ("get" if named else "list")
+        c[f"{verb} {resource}"] += 1
+    return dict(sorted(c.items()))
+
+
+# ----- NVFlare side -----------------------------------------------------------------------------------------------
+
+
+def isolate_server(p, max_jobs=6):
+    """Per-project job store and snapshot dirs (NVFlare's default is a shared /tmp/nvflare/...: two servers, or
+    anybody else's POC, would see each other's jobs), and room for concurrent jobs."""
+    local = p.server_ws / "local"
+    conf = json.loads((local / "resources.json.default").read_text())
+    conf["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] = str(p.base / "snapshot-storage")
+    for c in conf["components"]:
+        if c["id"] == "job_manager":
+            c["args"]["uri_root"] = str(p.base / "jobs-storage")
+        if c["id"] == "job_scheduler":
+            c["args"]["max_jobs"] = max_jobs
+    (local / "resources.json").write_text(json.dumps(conf, indent=2))
+
+
+class Admin:
+    """The POC's admin session, shared by the scenario threads (one call at a time)."""
+
+    def __init__(self, project):
+        self.p = project
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        fn = getattr(self.p, name)
+
+        def call(*a, **kw):
+            with self.lock:
+                return fn(*a, **kw)
+
+        return call
+
+    def wait_job(self, job_id, timeout):
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = self.job_status(job_id)
+            if status.startswith("FINISHED"):
+                return status
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {status} after {timeout} s")
+
+
+# ----- the test ---------------------------------------------------------------------------------------------------
+
+
+def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told in order
+    from kubernetes import client
+
+    from e2e.poc import Project, free_ports, numpy_job
+    from fljob_launcher import fljob_name
+
+    t_total = time.monotonic()
+    work = Path(os.environ.get("FLJOB_E2E_DIR") or tmp_path_factory.mktemp("e2e"))
+    work.mkdir(parents=True, exist_ok=True)
+    api = env["api"]
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    suffix = uuid.uuid4().hex[:6]
+    ns, ns_stock = f"fljob-e2e-{suffix}", f"fljob-e2e-stock-{suffix}"
+    policy = f"fljob-e2e-stock-{suffix}"
+    results = {}  # scenario -> dict
+    failures = []
+    cleanup = []
+    projects = []
+    watchers = []
+    operator = None
+    try:
+        ensure_crds(env)
+        make_namespace(env, ns)
+        make_namespace(env, ns_stock)
+        cleanup.append(lambda: core.delete_namespace(ns))
+        cleanup.append(lambda: core.delete_namespace(ns_stock))
+
+        # --- two NVFlare projects on 127.0.0.1 --------------------------------------------------------------
+        ports = free_ports(7)
+        p = Project(work / "fljob", ports[0], ports[1], ports[2], client=CLIENT)
+        ps = Project(work / "stock", ports[3], ports[4], ports[5], client=STOCK_CLIENT)
+        t0 = time.monotonic()
+        th = [threading.Thread(target=x.provision) for x in (p, ps)]
+        [t.start() for t in th]
+        [t.join() for t in th]
+        for x in (p, ps):
+            isolate_server(x)
+        log(f"provisioned 2 projects in {time.monotonic() - t0:.1f} s")
+        fed_client = json.loads((p.startup_kit() / "fed_client.json").read_text())
+        scheme = fed_client["servers"][0].get("service", {}).get("scheme", "grpc")
+
+        # --- namespace A: startup kit Secret, FLSite, RBAC for the parent, the operator -------------------------
+        kit = {f.name: f.read_text() for f in p.startup_kit().iterdir() if f.is_file()}
+        core.create_namespaced_secret(
+            ns, client.V1Secret(metadata=client.V1ObjectMeta(name=f"{SITE}-startup"), string_data=kit)
+        )
+        site_body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FLSite",
+            "metadata": {"name": SITE, "namespace": ns},
+            "spec": {
+                "clientName": CLIENT,
+                "server": {"target": p.server_target, "scheme": scheme},
+                "parentUrl": f"stcp://127.0.0.1:{p.parent_port}" if p.parent_conn_sec == "mtls" else p.parent_url,
+                "parentConnSec": p.parent_conn_sec,
+                "startupKitSecret": f"{SITE}-startup",
+                "defaults": {"image": env["image"], "pythonPath": "/usr/local/bin/python", "resources": RESOURCES},
+                "capacity": {"jobs": 4},
+            },
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, "flsites", site_body)
+        # The RBAC python/README.md documents for the client parent, plus `patch` on secrets: without it the
+        # launcher's ownerReference on the per-job Secret is refused (403, logged as a warning; measured).
+        parent_kc = sa_kubeconfig(
+            env, ns, "nvflare-parent",
+            [
+                {"apiGroups": ["fljob.dev"], "resources": ["fljobs"],
+                 "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "update", "patch", "delete"]},
+            ],
+            work / "parent-fljob.kubeconfig",
+        )
+        metrics_port = ports[6]
+        operator = Operator(env, ns, metrics_port, work)
+        operator.start()
+
+        # --- namespace B: the stock launcher's RBAC, and its pods sent to the real node ---------------------------
+        stock_kc = sa_kubeconfig(
+            env, ns_stock, "nvflare-parent",
+            [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
+                {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+                {"apiGroups": [""], "resources": ["secrets"],
+                 "verbs": ["get", "create", "update", "patch", "delete"]},
+            ],
+            work / "parent-stock.kubeconfig",
+        )
+        # ClientK8sJobLauncher's pod (no template without a study) has no nodeSelector/tolerations, no container
+        # securityContext (Pod Security restricted wants one) and imagePullPolicy Always (there is no registry):
+        # a MutatingAdmissionPolicy bound to namespace B only adds what the real node and `restricted` need.
+        placement = node_placement(env)
+        mutate = (
+            "[JSONPatch{op: 'add', path: '/spec/nodeSelector', value: {'fljob.dev/real-node': 'true'}}] + "
+            "(has(object.spec.tolerations) ? "
+            "[JSONPatch{op: 'add', path: '/spec/tolerations/-', value: Object.spec.tolerations{key: "
+            "'fljob.dev/real-node', operator: 'Equal', value: 'true', effect: 'NoSchedule'}}] : "
+            "[JSONPatch{op: 'add', path: '/spec/tolerations', value: [Object.spec.tolerations{key: "
+            "'fljob.dev/real-node', operator: 'Equal', value: 'true', effect: 'NoSchedule'}]}]) + "
+            "[JSONPatch{op: 'replace', path: '/spec/containers/0/imagePullPolicy', value: 'IfNotPresent'}, "
+            "JSONPatch{op: 'add', path: '/spec/containers/0/securityContext', value: "
+            "Object.spec.containers.securityContext{allowPrivilegeEscalation: false, "
+            "capabilities: Object.spec.containers.securityContext.capabilities{drop: ['ALL']}}}]"
+        )
+        policy_yaml = f"""
+apiVersion: admissionregistration.k8s.io/v1beta1
+kind: MutatingAdmissionPolicy
+metadata: {{name: {policy}}}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {{apiGroups: [""], apiVersions: ["v1"], operations: ["CREATE"], resources: ["pods"]}}
+  failurePolicy: Fail
+  reinvocationPolicy: Never
+  mutations:
+  - patchType: JSONPatch
+    jsonPatch:
+      expression: {json.dumps(mutate)}
+---
+apiVersion: admissionregistration.k8s.io/v1beta1
+kind: MutatingAdmissionPolicyBinding
+metadata: {{name: {policy}}}
+spec:
+  policyName: {policy}
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns_stock}}}
+"""
+        (work / "stock-policy.yaml").write_text(policy_yaml)
+        kubectl(env, "apply", "-f", str(work / "stock-policy.yaml"))
+        cleanup.append(lambda: kubectl(env, "delete", "--ignore-not-found", "-f", str(work / "stock-policy.yaml"),
+                                       check=False))
+        time.sleep(1.5)  # the policy reaches the API server's admission chain asynchronously
+
+        # --- the client parents' launchers, then start both projects ---------------------------------------
+        p.configure_client(
+            launcher={
+                "id": "fljob_launcher",
+                "path": "fljob_launcher.FLJobLauncher",
+                "args": {"namespace": ns, "site": SITE, "kubeconfig": str(parent_kc),
+                         # 4 workers at 500m on 2 shared cores stop gracefully in 9-11 s (measured), NVFlare's
+                         # 10 s max_wait is too tight here
+                         "abort_grace_period_seconds": ABORT_GRACE,
+                         "pod_template": {"spec": placement}},
+            }
+        )
+        ps.configure_client(
+            launcher={
+                "id": "k8s_launcher",
+                "path": "nvflare.app_opt.job_launcher.k8s_launcher.ClientK8sJobLauncher",
+                "args": {
+                    "config_file_path": str(stock_kc),
+                    "namespace": ns_stock,
+                    # The worker gets the parent's -m / -w paths: mount its emptyDir there.
+                    "workspace_mount_path": str(ps.client_ws),
+                    "security_context": {"runAsNonRoot": True, "runAsUser": 1000,
+                                         "seccompProfile": {"type": "RuntimeDefault"}},
+                    "ephemeral_storage": "1Gi",
+                },
+            }
+        )
+        count_dir = PY_DIR / "e2e" / "apicount"
+        api_logs = {CLIENT: work / "api-fljob.jsonl", STOCK_CLIENT: work / "api-stock.jsonl"}
+        for x, c in ((p, CLIENT), (ps, STOCK_CLIENT)):
+            projects.append(x)
+            cleanup.append(x.stop)
+        t0 = time.monotonic()
+        th = [
+            threading.Thread(
+                target=x.start,
+                kwargs={"client_env": {"PYTHONPATH": f"{PY_DIR}{os.pathsep}{count_dir}",
+                                       "FLJOB_E2E_API_LOG": str(api_logs[c])}},
+            )
+            for x, c in ((p, CLIENT), (ps, STOCK_CLIENT))
+        ]
+        [t.start() for t in th]
+        [t.join() for t in th]
+        for x in (p, ps):
+            x.wait_client_registered(60)
+        log(f"2 servers + 2 client parents up in {time.monotonic() - t0:.1f} s")
+        adm, adm_s = Admin(p), Admin(ps)
+
+        pods_w, flj_w, stock_w = Watcher(env, ns, "pods"), Watcher(env, ns, "fljobs"), Watcher(env, ns_stock, "pods")
+        for w in (pods_w, flj_w, stock_w):
+            w.start()
+            watchers.append(w)
+
+        jobs_dir = work / "jobs"
+
+        def fljob(job_id):
+            return custom.get_namespaced_custom_object(GROUP, VERSION, ns, "fljobs", fljob_name(job_id, SITE))
+
+        def wait_fljob_terminal(job_id, timeout=120):
+            def done():
+                o = _get_or_none(lambda: fljob(job_id))
+                return o if o and (o.get("status") or {}).get("phase") in TERMINAL else None
+            return wait_for(done, timeout, f"FLJob of {job_id} terminal")
+
+        def wait_training(job_id, timeout=90):
+            """The FLJob is Running and its worker has the train task (NPTrainer's log line in the pod)."""
+            def ok():
+                o = _get_or_none(lambda: fljob(job_id))
+                st = (o or {}).get("status") or {}
+                if st.get("phase") != "Running" or not st.get("podName"):
+                    return None
+                try:
+                    text = core.read_namespaced_pod_log(st["podName"], ns, _request_timeout=5)
+                except Exception:  # noqa: BLE001
+                    return None
+                return TRAIN_MARK in text
+            wait_for(ok, timeout, f"job {job_id} training", interval=1.0)
+
+        def run(name, fn):
+            t = time.monotonic()
+            try:
+                res = fn() or {}
+            except Exception as e:  # noqa: BLE001
+                res = {"error": f"{type(e).__name__}: {e}"}
+            res["seconds"] = round(time.monotonic() - t, 1)
+            results[name] = res
+            bad = [k for k, v in res.items() if k.startswith("ok_") and not v]
+            if "error" in res or bad:
+                failures.append(f"{name}: {res}")
+            log(f"{name}: {res}")
+
+        # --- (a) + stock, concurrently: the comparison --------------------------------------------------
+        def scenario_a():
+            job = numpy_job(jobs_dir, "a-numpy", rounds=2)
+            m0, n0 = metrics(metrics_port), len(api_log(api_logs[CLIENT]))
+            t = time.monotonic()
+            job_id = adm.submit(job)
+            status = adm.wait_job(job_id, 180)
+            wall = time.monotonic() - t
+            o = wait_fljob_terminal(job_id)
+            st = o["status"]
+            # The handle deletes the per-job Secret once it sees the end: wait for that, so the count is whole.
+            wait_for(lambda: _get_or_none(lambda: core.read_namespaced_secret(
+                f"{o['metadata']['name']}-creds", ns)) is None, 30, "per-job Secret deleted")
+            time.sleep(2)
+            recs = api_log(api_logs[CLIENT])[n0:]
+            op = metrics_delta(m0, metrics(metrics_port))
+            res_file = p.parent_job_dir(job_id) / "log.txt"
+            uploaded = res_file.is_file() and TRAIN_MARK in res_file.read_text(errors="replace")
+            mine = [x for x in core.list_namespaced_pod(ns).items
+                    if any(r.uid == o["metadata"]["uid"] for r in x.metadata.owner_references or [])]
+            return {
+                "job_id": job_id, "server": status, "phase": st.get("phase"), "exit": st.get("exitCode"),
+                "pods_left": f"{len(mine)} (owned by the FLJob: deleted with it)",
+                "wall": round(wall, 1), "parent_requests": len(recs), "parent_by": dict(api_summary(recs)),
+                "operator_requests": int(sum(op.values())),
+                "operator_by": {f"{v} {r}": int(n) for (v, r), n in sorted(op.items())},
+                "pods": len(pods_w.pod_uids.get(o["metadata"]["name"], ())),
+                "results_uploaded": uploaded,
+                "ok_server": status == "FINISHED:COMPLETED",
+                "ok_fljob": st.get("phase") == "Succeeded" and st.get("exitCode") == 0,
+                "ok_results": uploaded,
+            }
+
+        def scenario_stock():
+            job = numpy_job(jobs_dir, "stock-numpy", rounds=2)
+            meta = json.loads((job / "meta.json").read_text())
+            meta["launcher_spec"] = {STOCK_CLIENT: {"k8s": {"image": env["image"], **RESOURCES}}}
+            (job / "meta.json").write_text(json.dumps(meta))
+            n0 = len(api_log(api_logs[STOCK_CLIENT]))
+            t = time.monotonic()
+            job_id = adm_s.submit(job)
+            status = adm_s.wait_job(job_id, 180)
+            wall = time.monotonic() - t
+            time.sleep(3)  # its handle stops polling within 1 s of the end
+            recs = api_log(api_logs[STOCK_CLIENT])[n0:]
+            pods = core.list_namespaced_pod(ns_stock).items
+            pod = pods[0] if pods else None
+            term = None
+            if pod and pod.status.container_statuses:
+                s = pod.status.container_statuses[0].state
+                term = s.terminated.exit_code if s and s.terminated else None
+            res_file = ps.parent_job_dir(job_id) / "log.txt"
+            uploaded = res_file.is_file() and TRAIN_MARK in res_file.read_text(errors="replace")
+            return {
+                "job_id": job_id, "server": status, "pod_phase": pod.status.phase if pod else None, "exit": term,
+                "node": pod.spec.node_name if pod else None,
+                "pods_left": f"{len(pods)} ({'unowned' if pod and not pod.metadata.owner_references else 'owned'})",
+                "wall": round(wall, 1), "parent_requests": len(recs), "parent_by": dict(api_summary(recs)),
+                "results_uploaded": uploaded,
+                "ok_server": status == "FINISHED:COMPLETED",
+            }
+
+        t_phase = time.monotonic()
+        th = [threading.Thread(target=run, args=(n, f)) for n, f in (("a", scenario_a), ("stock", scenario_stock))]
+        [t.start() for t in th]
+        [t.join() for t in th]
+        log(f"phase 1 (a + stock) {time.monotonic() - t_phase:.1f} s")
+
+        # --- (b) (c) (d) (e) concurrently (capacity 4) ---------------------------------------------------------
+        def scenario_fail(variant, code, reason):
+            def f():
+                job_id = adm.submit(numpy_job(jobs_dir, f"{variant}-job", rounds=2, variant=variant))
+                o = wait_fljob_terminal(job_id)
+                st = o["status"]
+                status = adm.wait_job(job_id, 120)
+                return {"job_id": job_id, "server": status, "phase": st.get("phase"), "exit": st.get("exitCode"),
+                        "reason": st.get("reason"),
+                        "ok_fljob": (st.get("phase"), st.get("exitCode"), st.get("reason")) == ("Failed", code,
+                                                                                                reason)}
+            return f
+
+        def scenario_abort(how):
+            def f():
+                job_id = adm.submit(numpy_job(jobs_dir, f"abort-{how}", rounds=40, sleep_per_round=1))
+                wait_training(job_id)
+                t = time.monotonic()
+                name = fljob_name(job_id, SITE)
+                if how == "admin":
+                    adm.abort(job_id)
+                else:
+                    kubectl(env, "-n", ns, "patch", "flj", name, "--type", "merge", "-p", '{"spec":{"abort":true}}')
+                o = wait_fljob_terminal(job_id, 60)
+                to_fljob = time.monotonic() - t
+                status = adm.wait_job(job_id, 60)
+                to_server = time.monotonic() - t
+                st = o["status"]
+                return {"job_id": job_id, "server": status, "phase": st.get("phase"), "exit": st.get("exitCode"),
+                        "method": (st.get("abort") or {}).get("method"), "abort_to_fljob_end": round(to_fljob, 1),
+                        "abort_to_server_end": round(to_server, 1),
+                        "ok_fljob": st.get("phase") == "Aborted" and (st.get("abort") or {}).get("method") == "Graceful",
+                        "ok_server": status == "FINISHED:ABORTED"}
+            return f
+
+        t_phase = time.monotonic()
+        th = [
+            threading.Thread(target=run, args=(n, f))
+            for n, f in (
+                ("b", scenario_fail("unsafe", 102, "UnsafeComponent")),
+                ("c", scenario_fail("bad_arg", 103, "ConfigError")),
+                ("d", scenario_abort("admin")),
+                ("e", scenario_abort("kubectl")),
+            )
+        ]
+        for t in th:
+            t.start()
+            time.sleep(0.3)  # submit in this order
+        [t.join() for t in th]
+        log(f"phase 2 (b c d e) {time.monotonic() - t_phase:.1f} s")
+
+        # --- (f) the operator SIGKILLed while a job trains ----------------------------------------------------
+        def scenario_f():
+            job_id = adm.submit(numpy_job(jobs_dir, "f-kill", rounds=6, sleep_per_round=2))
+            wait_training(job_id)
+            operator.kill()
+            killed = time.monotonic()
+            time.sleep(3)
+            operator.start()
+            restarted = time.monotonic() - killed
+            status = adm.wait_job(job_id, 180)
+            o = wait_fljob_terminal(job_id)
+            st = o["status"]
+            name = o["metadata"]["name"]
+            time.sleep(1)
+            uids = pods_w.pod_uids.get(name, set())
+
+            def ledger_empty():
+                s = custom.get_namespaced_custom_object(GROUP, VERSION, ns, "flsites", SITE).get("status") or {}
+                return not s.get("allocations")
+            empty = _true_within(ledger_empty, 20)
+            return {"job_id": job_id, "server": status, "phase": st.get("phase"), "exit": st.get("exitCode"),
+                    "pods_ever": len(uids), "operator_down": round(restarted, 1), "ledger_empty": empty,
+                    "ok_server": status == "FINISHED:COMPLETED",
+                    "ok_fljob": st.get("phase") == "Succeeded" and st.get("exitCode") == 0,
+                    "ok_one_pod": len(uids) == 1, "ok_ledger": empty}
+
+        t_phase = time.monotonic()
+        run("f", scenario_f)
+
+        # --- (g) two jobs, capacity 1 ---------------------------------------------------------------------
+        def scenario_g():
+            custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "flsites", SITE,
+                                                  {"spec": {"capacity": {"jobs": 1}}})
+            ids = [adm.submit(numpy_job(jobs_dir, f"g-{i}", rounds=2)) for i in (1, 2)]
+            statuses = [adm.wait_job(j, 240) for j in ids]
+            objs = [wait_fljob_terminal(j) for j in ids]
+            names = sorted((o["metadata"]["creationTimestamp"], o["metadata"]["name"]) for o in objs)
+            first, second = names[0][1], names[1][1]
+            ph = {n: list(flj_w.phases.get(n, [])) for n in (first, second)}
+            tm = {n: dict((p_, t_) for t_, p_ in reversed(flj_w.times.get(n, []))) for n in (first, second)}
+            # The second waits for the site (Admitted reason Queued: short of jobs) and starts only after the first
+            # has finished.
+            serial = (tm[second].get("Starting") or 0) >= (tm[first].get("Succeeded") or float("inf"))
+            return {"job_ids": ids, "server": statuses,
+                    "phases_first": ph[first], "phases_second": ph[second],
+                    "second_started_after_first_ended": serial,
+                    "ok_server": all(s == "FINISHED:COMPLETED" for s in statuses),
+                    "ok_fljobs": all(o["status"].get("phase") == "Succeeded" for o in objs),
+                    "ok_second_queued": "Queued/Queued" in ph[second] and "Queued/Queued" not in ph[first],
+                    "ok_serial": serial}
+
+        run("g", scenario_g)
+        log(f"phase 3 (f, g) {time.monotonic() - t_phase:.1f} s")
+
+        # every FLJob pod of the run: exactly one per FLJob, all on the real node
+        pods_per_job = {k: len(v) for k, v in pods_w.pod_uids.items()}
+        results["pods_per_fljob"] = pods_per_job
+        if any(n != 1 for n in pods_per_job.values()):
+            failures.append(f"an FLJob had more than one pod: {pods_per_job}")
+    finally:
+        for w in watchers:
+            w.stop_flag.set()
+        # FLJobs go while the operator still runs (it owns their cleanup finalizer)
+        try:
+            if operator and operator.proc and operator.proc.poll() is None:
+                custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, "fljobs")
+                _true_within(lambda: not custom.list_namespaced_custom_object(
+                    GROUP, VERSION, ns, "fljobs").get("items"), 30)
+        except Exception as e:  # noqa: BLE001
+            log(f"cleanup of FLJobs: {e}")
+        for fn in reversed(cleanup):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                log(f"cleanup: {e}")
+        if operator:
+            operator.stop()
+        try:
+            for n in (ns,):
+                for o in custom.list_namespaced_custom_object(GROUP, VERSION, n, "fljobs").get("items") or []:
+                    custom.patch_namespaced_custom_object(GROUP, VERSION, n, "fljobs", o["metadata"]["name"],
+                                                          {"metadata": {"finalizers": None}})
+        except Exception:  # noqa: BLE001
+            pass
+
+    total = time.monotonic() - t_total
+    print_report(results, total)
+    assert not failures, "e2e failures:\n  " + "\n  ".join(failures)
+
+
+def _get_or_none(fn):
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return fn()
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _true_within(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def print_report(results, total):
+    a, s = results.get("a") or {}, results.get("stock") or {}
+    print("\n=== NVFlare 2.9.0 numpy job (2 rounds) on the real node: fljob-operator vs ClientK8sJobLauncher ===")
+    rows = [
+        ("", "FLJobLauncher + fljob-operator", "stock ClientK8sJobLauncher"),
+        ("wall time (submit -> server FINISHED)", f"{a.get('wall')} s", f"{s.get('wall')} s"),
+        ("API requests: client parent", str(a.get("parent_requests")), str(s.get("parent_requests"))),
+        ("API requests: operator", str(a.get("operator_requests")), "-"),
+        ("API requests: total",
+         str((a.get("parent_requests") or 0) + (a.get("operator_requests") or 0)) if a else "?",
+         str(s.get("parent_requests"))),
+        ("server status", str(a.get("server")), str(s.get("server"))),
+        ("worker outcome", f"FLJob {a.get('phase')} exit {a.get('exit')}",
+         f"pod {s.get('pod_phase')} exit {s.get('exit')}"),
+        ("results back in parent workspace", str(a.get("results_uploaded")), str(s.get("results_uploaded"))),
+        ("pods left after the job", str(a.get("pods_left")), str(s.get("pods_left"))),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    for r in rows:
+        print(f"{r[0]:<{w0}} | {r[1]:<{w1}} | {r[2]}")
+    print("method: client parent = every kubernetes ApiClient.call_api in the parent process (a watch counts once),"
+          " from submit until the job's cleanup; operator = its fljob_api_requests_total delta over the same window"
+          " (only this job ran in its namespace)")
+    print(f"  fljob parent: {a.get('parent_by')}")
+    print(f"  operator:     {a.get('operator_by')}")
+    print(f"  stock parent: {s.get('parent_by')}")
+    print("\n=== scenarios ===")
+    for k in ("a", "b", "c", "d", "e", "f", "g", "stock"):
+        r = results.get(k)
+        if r is None:
+            print(f"{k}: not run")
+            continue
+        ok = all(v for kk, v in r.items() if kk.startswith("ok_")) and "error" not in r
+        keep = {kk: v for kk, v in r.items() if not kk.endswith("_by") and not kk.startswith("ok_")}
+        print(f"{k}: {'PASS' if ok else 'FAIL'} {r['seconds']} s {keep}")
+    print(f"pods per FLJob (watched UIDs): {results.get('pods_per_fljob')}")
+    print(f"total {total:.1f} s")
