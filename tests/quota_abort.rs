@@ -428,3 +428,46 @@ async fn pausing_a_site_keeps_its_queue_and_resuming_runs_it() {
     }
     env.done().await;
 }
+
+/// The namespace refuses the pod: a used-up ResourceQuota is temporary (condition + Event with the API server's
+/// message, retried with backoff, and the job runs once the quota allows), a LimitRange breach is permanent (the job
+/// fails with the message). Other jobs are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_refused_by_the_namespace_is_reported_and_retried_or_failed() {
+    let env = Env::new("refused", Capacity::default()).await;
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = env.ns.api();
+    let rq = |pods: &str| serde_json::from_value::<k8s_openapi::api::core::v1::ResourceQuota>(serde_json::json!(
+        {"metadata": {"name": "pods"}, "spec": {"hard": {"pods": pods}}})).unwrap();
+    quotas.create(&kube::api::PostParams::default(), &rq("0")).await.unwrap();
+    env.create(&job("waits", &[])).await;
+    let j = wait_job(&env.jobs, "waits", 60, |j| {
+        st(j).conditions.iter().any(|c| c.type_ == "Started" && c.reason == "PodRefused")
+    })
+    .await;
+    let c = st(&j).conditions.into_iter().find(|c| c.type_ == "Started").unwrap();
+    assert!(c.message.contains("exceeded quota"), "{c:?}");
+    assert!(!finished(&j), "a used-up quota does not fail the job: {:#?}", st(&j));
+    env.wait_event("waits", "PodRefused:").await;
+    // Free the quota: the retry (with backoff) creates the pod and the job runs.
+    quotas.replace("pods", &kube::api::PostParams::default(), &{
+        let mut q = quotas.get("pods").await.unwrap();
+        q.spec = rq("10").spec;
+        q
+    }).await.unwrap();
+    let j = wait_job(&env.jobs, "waits", 90, finished).await;
+    assert_eq!(st(&j).phase, Phase::Succeeded, "{:#?}", st(&j));
+
+    let limits: Api<k8s_openapi::api::core::v1::LimitRange> = env.ns.api();
+    limits.create(&kube::api::PostParams::default(), &serde_json::from_value(serde_json::json!(
+        {"metadata": {"name": "max"}, "spec": {"limits": [{"type": "Container", "max": {"cpu": "500m"}}]}})).unwrap()).await.unwrap();
+    env.create(&job("too-big", &[])).await;
+    let j = wait_job(&env.jobs, "too-big", 60, finished).await;
+    let s = st(&j);
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("ConfigError")), "{s:#?}");
+    assert!(s.message.as_deref().unwrap_or("").contains("maximum cpu usage"), "{s:#?}");
+    wait_job(&env.jobs, "too-big", 30, |j| st(j).allocation.is_none()).await;
+    let sites: Api<FLSite> = env.ns.api();
+    let drained = |s: &FLSite| s.status.as_ref().is_some_and(|st| st.allocations.is_empty());
+    common::wait_for(&sites, "site-a", Duration::from_secs(30), drained).await.expect("its quota is released");
+    env.done().await;
+}

@@ -225,16 +225,36 @@ async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str
         match step {
             Step::CreatePod => {
                 let Some(site) = site else { continue };
-                if let Some(rejection) = create_pod(ctx, job, site).await? {
-                    // The API server refused the pod (Pod Security, an invalid field): the user must fix the spec.
-                    let mut failed = d.status.clone();
-                    fail_rejected(&mut failed, &rejection);
-                    let base = d.status.clone();
-                    write_status(ctx, &jobs, job, &base, &failed).await.or_else(|e| match e {
-                        Error::Conflict(_) => Ok(()),
-                        e => Err(e),
-                    })?;
-                    return Ok(Action::await_change());
+                match create_pod(ctx, job, site).await? {
+                    Created::Yes => {}
+                    Created::Refused(rejection) => {
+                        // The API server refused the pod for good (Pod Security, an invalid field, a LimitRange, a
+                        // webhook's denial): the user must fix the spec.
+                        let mut failed = d.status.clone();
+                        fail_rejected(&mut failed, &rejection);
+                        let base = d.status.clone();
+                        write_status(ctx, &jobs, job, &base, &failed).await.or_else(|e| match e {
+                            Error::Conflict(_) => Ok(()),
+                            e => Err(e),
+                        })?;
+                        return Ok(Action::await_change());
+                    }
+                    Created::NotYet(why, source) => {
+                        // Refused for now (the namespace's ResourceQuota is used up, a webhook cannot be reached, the
+                        // API server is overloaded): say so, and try again with a growing delay.
+                        let mut waiting = d.status.clone();
+                        let msg = format!("the API server refused the worker pod for now: {why}; retrying with a growing delay");
+                        let c = crate::api::condition(lifecycle::cond::STARTED, false, "PodRefused", msg.clone(), waiting.observed_generation, &now());
+                        if crate::api::set_condition(&mut waiting.conditions, c) {
+                            let base = d.status.clone();
+                            write_status(ctx, &jobs, job, &base, &waiting).await.or_else(|e| match e {
+                                Error::Conflict(_) => Ok(()),
+                                e => Err(e),
+                            })?;
+                            publish(ctx, job, &Note { warning: true, reason: "PodRefused".into(), message: msg }).await;
+                        }
+                        return Err(Error::Kube { step: "create pod", source });
+                    }
                 }
             }
             Step::AnnotatePod { key, value } => {
@@ -278,23 +298,42 @@ fn fail_rejected(st: &mut FLJobStatus, message: &str) {
     crate::api::set_condition(&mut st.conditions, c);
 }
 
-/// Creates the pod. Ok(Some(message)) when the API server refuses the pod for good.
-async fn create_pod(ctx: &Context, job: &FLJob, site: &FLSite) -> Result<Option<String>> {
+/// What became of a pod creation.
+enum Created {
+    /// The pod exists (made now, or already).
+    Yes,
+    /// Refused for good, with the API server's message.
+    Refused(String),
+    /// Refused for now, with the API server's message.
+    NotYet(String, kube::Error),
+}
+
+/// Whether a refusal of the pod may pass by itself: a used-up ResourceQuota, throttling, a webhook that could not
+/// be called, a server error. Anything else (invalid, forbidden by policy, denied by a webhook) is permanent.
+fn transient_refusal(s: &kube::core::Status) -> bool {
+    let m = s.message.to_ascii_lowercase();
+    (s.code == 403 && m.contains("exceeded quota"))
+        || s.code == 429
+        || s.code >= 500
+        || m.contains("failed calling webhook")
+}
+
+/// Creates the pod.
+async fn create_pod(ctx: &Context, job: &FLJob, site: &FLSite) -> Result<Created> {
     let ns = job.namespace().unwrap_or_default();
     let built = match pod::build_pod(job, site) {
         Ok(p) => p,
-        Err(e) => return Ok(Some(e.to_string())),
+        Err(e) => return Ok(Created::Refused(e.to_string())),
     };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     match pods.create(&PostParams::default(), &built).await {
         Ok(_) => {
             info!(pod = %built.name_any(), "created worker pod");
-            Ok(None)
+            Ok(Created::Yes)
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
-        Err(kube::Error::Api(s)) if s.code == 422 || (s.code == 403 && s.message.contains("violates PodSecurity")) => {
-            Ok(Some(s.message.clone()))
-        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Created::Yes),
+        Err(kube::Error::Api(s)) if transient_refusal(&s) => Ok(Created::NotYet(s.message.clone(), kube::Error::Api(s))),
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => Ok(Created::Refused(s.message.clone())),
         Err(e) => Err(kube_err("create pod")(e)),
     }
 }
