@@ -495,6 +495,14 @@ fn site_of<'a>(view: &SiteView<'a>) -> Option<&'a FLSite> {
     }
 }
 
+/// How long a job's pod may take to start: the job's own limit, else its site's, else NVFlare's 120 s.
+fn pending_timeout(job: &FLJob, site: Option<&FLSite>) -> i64 {
+    job.spec
+        .pending_timeout_seconds
+        .or_else(|| site.and_then(|s| s.spec.pending_timeout_seconds))
+        .unwrap_or(DEFAULT_PENDING_TIMEOUT_SECONDS)
+}
+
 fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
     cx.st.pod_name = Some(p.name_any());
     let image = p
@@ -509,15 +517,35 @@ fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
                 cx.finish(outcome);
                 cx.steps.push(Step::DeletePod);
             } else {
-                cx.phase(Phase::Starting);
+                // Every other way of not reaching Running (ContainerCreating behind a FailedMount, a stuck init
+                // container, PodInitializing, a slow pull) is bounded by the same start timeout: a pod that never
+                // starts must not hold its quota forever.
+                let timeout = pending_timeout(cx.job, site);
+                let since = p.metadata.creation_timestamp.clone().unwrap_or_else(|| cx.now.clone());
+                match until(after_secs(&since, timeout), &cx.now) {
+                    Some(wait) => {
+                        cx.phase(Phase::Starting);
+                        cx.requeue_in(wait);
+                    }
+                    None => {
+                        let what = reason.unwrap_or_else(|| "Pending".into());
+                        let detail = message.map(|m| format!(": {m}")).unwrap_or_default();
+                        cx.finish(Outcome {
+                            phase: Phase::Failed,
+                            reason: Some("StartTimeout"),
+                            exit_code: code::INFRASTRUCTURE_ERROR,
+                            message: format!(
+                                "the worker did not start within {timeout}s (still {what}{detail}); check the pod's Events (kubectl describe pod {}); the site's pendingTimeoutSeconds sets the limit",
+                                p.name_any()
+                            ),
+                        });
+                        cx.steps.push(Step::DeletePod);
+                    }
+                }
             }
         }
         PodState::Unschedulable { since, message } => {
-            let timeout = cx.job
-                .spec
-                .pending_timeout_seconds
-                .or_else(|| site.and_then(|s| s.spec.pending_timeout_seconds))
-                .unwrap_or(DEFAULT_PENDING_TIMEOUT_SECONDS);
+            let timeout = pending_timeout(cx.job, site);
             let since = since.or_else(|| p.metadata.creation_timestamp.clone()).unwrap_or_else(|| cx.now.clone());
             match until(after_secs(&since, timeout), &cx.now) {
                 Some(wait) => {

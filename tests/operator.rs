@@ -67,6 +67,14 @@ row!(oom_killed, &[("sim.fljob.dev/oom-killed", "true")], Phase::Failed, Some("O
 row!(evicted, &[("sim.fljob.dev/evicted", "true")], Phase::Failed, Some("Evicted"), 9);
 row!(other_nonzero_exit_is_exception, &[("sim.fljob.dev/exit-code", "3")], Phase::Failed, Some("Exception"), 3);
 row!(
+    stuck_container_creating_times_out,
+    &[("sim.fljob.dev/waiting-reason", "ContainerCreating")],
+    |j: &mut FLJob| j.spec.pending_timeout_seconds = Some(2),
+    Phase::Failed,
+    Some("StartTimeout"),
+    104
+);
+row!(
     deadline_exceeded,
     &[("sim.fljob.dev/run-seconds", "never")],
     |j: &mut FLJob| {

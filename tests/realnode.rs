@@ -143,7 +143,7 @@ async fn real_oom_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_image_missing_and_secret_key_missing() {
+async fn real_image_missing_secret_key_missing_and_mount_failing() {
     let Some(_) = real_node() else { return };
     let env = real_env("real-waiting", Capacity::default()).await;
     // An image that is nowhere: its registry is a closed port on loopback (no lookup leaves the machine).
@@ -165,6 +165,19 @@ async fn real_image_missing_and_secret_key_missing() {
         ..Default::default()
     }];
     env.create(&nokey).await;
+    // A volume the kubelet cannot mount (its ConfigMap does not exist): the pod stays ContainerCreating with
+    // FailedMount Events; the start timeout ends it.
+    let mut nomount = real_job("no-mount", &[]);
+    nomount.spec.pending_timeout_seconds = Some(8);
+    let t = nomount.spec.pod_template.as_mut().unwrap().spec.as_mut().unwrap();
+    t.volumes = vec![serde_json::from_value(serde_json::json!({"name": "cfg", "configMap": {"name": "not-there"}})).unwrap()];
+    t.volume_mounts = vec![serde_json::from_value(serde_json::json!({"name": "cfg", "mountPath": "/etc/cfg"})).unwrap()];
+    env.create(&nomount).await;
+    let j = wait_job(&env.jobs, "no-mount", 120, finished).await;
+    let s = st(&j);
+    assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (Phase::Failed, Some("StartTimeout"), Some(104)), "{s:#?}");
+    wait_job(&env.jobs, "no-mount", 30, |j| st(j).allocation.is_none()).await; // its quota is released
+    println!("real FailedMount -> {:?}: {}", s.reason, s.message.clone().unwrap_or_default());
     let j = wait_job(&env.jobs, "no-image", 120, finished).await;
     let s = st(&j);
     assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (Phase::Failed, Some("ImagePullFailed"), Some(104)), "{s:#?}");
