@@ -43,6 +43,10 @@ if [[ "$REAL" == 1 ]]; then
   BUSYBOX_IMAGE="$(awk '$1=="busybox"{print $2}' "$D/demo-images")"
   say "Installing the chart into namespace $NS: the operator pod from $OPERATOR_IMAGE on the real node"
   if [[ -f "$D/run/demo-operator.pid" ]]; then kill "$(cat "$D/run/demo-operator.pid")" 2>/dev/null || true; rm -f "$D/run/demo-operator.pid"; fi
+  # The real node's pods share the host's network: an old operator pod would hold the metrics port while a rolling
+  # update starts the new one. Start from a clean release instead (the CRDs and the jobs' namespace stay).
+  "${K[@]}" -n "$NS" delete fljobs --all --wait=true >/dev/null 2>&1 || true
+  "${H[@]}" uninstall fljob-operator -n "$NS" --wait >/dev/null 2>&1 || true
   "${H[@]}" upgrade --install fljob-operator charts/fljob-operator -n "$NS" --wait --timeout 180s \
     --set replicaCount=1 --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" \
     --set image.pullPolicy=IfNotPresent --set leaderElection.enabled=true --set metrics.port="$PORT" \
