@@ -17,6 +17,9 @@ pub mod cause {
     pub const DELETED: &str = "Deleted";
     /// `activeDeadlineSeconds` passed.
     pub const DEADLINE: &str = "DeadlineExceeded";
+    /// NVFlare aborted the job itself (the FL server, an admin's `abort_job`, the client's `JobExecutor`), and the
+    /// worker said so in its termination message.
+    pub const NVFLARE: &str = "NVFlare";
 }
 
 /// Extra time after a deleted pod's own termination grace period before it is force-deleted.

@@ -588,6 +588,23 @@ fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
                 message: format!("the worker container could not be started (exit {code}); check the site's image and pythonPath{detail}"),
             });
         }
+        PodState::Exited { code: 0, oom_killed: false, message: Some(m), finished_at, .. } if m.starts_with(crate::status::ABORTED_OUTCOME) => {
+            // NVFlare aborted the job itself and the worker stopped cleanly: an abort, not a success.
+            let at = finished_at.unwrap_or_else(|| cx.now.clone());
+            cx.st.abort = Some(AbortStatus {
+                requested_at: at.clone(),
+                cause: Some(abort::cause::NVFLARE.into()),
+                pod_deleted_at: None,
+                method: Some(crate::api::AbortMethod::Graceful),
+                completed_at: Some(at),
+            });
+            cx.finish(Outcome {
+                phase: Phase::Aborted,
+                reason: Some("Aborted"),
+                exit_code: 0,
+                message: "NVFlare aborted the job (the FL server, an admin or the client); the worker stopped cleanly".into(),
+            });
+        }
         PodState::Exited { code, oom_killed, ran, message, .. } => {
             let started = ran || is_true(&cx.st.conditions, cond::STARTED);
             cx.finish(exit_outcome(code, oom_killed, started, message.as_deref()));

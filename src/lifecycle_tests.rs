@@ -479,3 +479,15 @@ fn a_pod_that_never_ran_and_is_gone_is_created_again() {
     assert_eq!(d.steps, vec![Step::CreatePod]);
     assert_eq!(d.status.phase, Phase::Starting);
 }
+
+#[test]
+fn a_clean_exit_after_nvflares_own_abort_is_an_abort() {
+    let mut state = exited(0, "Completed", true);
+    state.terminated.as_mut().unwrap().message = Some(format!("{}\nthe worker stopped cleanly", crate::status::ABORTED_OUTCOME));
+    let d = observe(&started_job(), &mk_pod("Succeeded", state));
+    let a = d.status.abort.clone().expect("status.abort");
+    assert_eq!((d.status.phase, d.status.exit_code, a.method, a.cause.as_deref()), (Phase::Aborted, Some(0), Some(AbortMethod::Graceful), Some("NVFlare")));
+    // Without the marker, exit 0 stays a success.
+    let d = observe(&started_job(), &mk_pod("Succeeded", exited(0, "Completed", true)));
+    assert_eq!(d.status.phase, Phase::Succeeded);
+}

@@ -4,6 +4,10 @@ use crate::api::Phase;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+/// First line of the worker's termination message when NVFlare's ABORT reached the job (written by fljob-launcher's
+/// worker entry point): the worker then exits 0, and only this tells an abort from a success.
+pub const ABORTED_OUTCOME: &str = "fljob.dev/outcome=Aborted";
+
 /// NVFlare's ClientStatus words.
 pub mod client_status {
     /// No worker yet.

@@ -28,6 +28,7 @@ its lifetime), so when the parent does not exist the worker is shown its own pid
 
 from __future__ import annotations
 
+import atexit
 import os
 import runpy
 import signal
@@ -42,6 +43,12 @@ DEFAULT_INFO_DIR = "/etc/fljob"
 ENV_WATCH_INTERVAL = "FLJOB_WATCH_INTERVAL"
 ANNOTATION_ABORT = "fljob.dev/abort"
 ANNOTATION_ABORT_TASK = "fljob.dev/abort-task"
+ENV_TERMINATION_LOG = "FLJOB_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+# The first line of the termination message when the job was aborted through NVFlare's ABORT, from whoever sent it
+# (the FL server, an admin's `abort_job`, the client's JobExecutor, or this entry point): the operator reads it, so
+# a worker that stopped cleanly after an abort is reported Aborted, not Succeeded.
+ABORTED_OUTCOME = "fljob.dev/outcome=Aborted"
 
 _SIMPLE_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34, "'": 39}
 
@@ -149,6 +156,30 @@ class JobCommands:
     def ready(self, topic: str) -> bool:
         return self._callback(topic) is not None
 
+    def hook(self, topic: str, seen) -> bool:
+        """Wraps the job cell's handler of `topic` so that `seen()` runs before it, whoever sends the command.
+        True once hooked (the cell registers its handlers a moment after the worker starts)."""
+        cb = self._callback(topic)
+        if cb is None:
+            return False
+        if getattr(cb, "_fljob_hooked", False):
+            return True
+        original = cb.cb
+
+        def wrapped(*args, **kwargs):
+            try:
+                seen()
+            except Exception as e:  # noting the command must never stop it
+                _log(f"noting {topic}: {type(e).__name__}: {e}")
+            return original(*args, **kwargs)
+
+        try:
+            cb.cb = wrapped
+            cb._fljob_hooked = True
+        except AttributeError:
+            return True  # an immutable registry entry: nothing to hook, do not try again
+        return True
+
     def run(self, topic: str, payload: dict) -> bool:
         """True once the job cell's command handler ran the command."""
         from nvflare.fuel.f3.cellnet.defs import MessageHeaderKey
@@ -188,6 +219,8 @@ class AbortRelay:
         self._task_baseline: Optional[str] = None
         self._signals = 0
         self._lock = threading.Lock()
+        self._hooked = False
+        self.aborted = False  # NVFlare's ABORT reached the job (from the parent, the server or this relay)
         ann = read_annotations(annotations_path) if annotations_path else None
         if ann is not None:
             self._task_baseline = ann.get(ANNOTATION_ABORT_TASK)
@@ -224,8 +257,26 @@ class AbortRelay:
                 self._task_aborts += 1
             _log(f"annotation {ANNOTATION_ABORT_TASK} changed: aborting the current task")
 
+    def _note_abort(self) -> None:
+        if not self.aborted:
+            self.aborted = True
+            _log(f"the job received NVFlare's ABORT (t={time.time():.3f})")
+
+    def write_outcome(self, path: str) -> None:
+        """At exit: tell the operator, through the container's termination message, that the job was aborted."""
+        if not self.aborted or not path:
+            return
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(f"{ABORTED_OUTCOME}\nthe job was aborted through NVFlare's ABORT and the worker stopped cleanly\n")
+        except OSError as e:
+            _log(f"cannot write the termination message {path}: {e}")
+
     def _deliver(self) -> None:
         from nvflare.apis.fl_constant import AdminCommandNames
+
+        if not self._hooked:
+            self._hooked = self.commands.hook(AdminCommandNames.ABORT, self._note_abort)
 
         if self._abort_reason is not None and not self._abort_sent:
             if self.commands.run(AdminCommandNames.ABORT, {}):
@@ -284,6 +335,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         signal.signal(signal.SIGTERM, relay.on_signal)
         signal.signal(signal.SIGINT, relay.on_signal)
         relay.start()
+        atexit.register(relay.write_outcome, os.environ.get(ENV_TERMINATION_LOG, DEFAULT_TERMINATION_LOG))
     else:
         _log("no -n/-c in the arguments: running the worker without the abort relay")
     _no_parent_watch_in_a_pod()

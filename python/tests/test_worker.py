@@ -45,13 +45,24 @@ def test_parse_downward_api():
 
 
 class FakeCommands:
+    """The job cell's command handlers: run() is a command arriving (from this relay or from the parent)."""
+
     def __init__(self, ready=True):
         self.ready_flag = ready
         self.sent = []
+        self.hooks = {}
+
+    def hook(self, topic, seen):
+        if not self.ready_flag:
+            return False
+        self.hooks[topic] = seen
+        return True
 
     def run(self, topic, payload):
         if not self.ready_flag:
             return False
+        if topic in self.hooks:
+            self.hooks[topic]()
         self.sent.append(topic)
         return True
 
@@ -138,3 +149,19 @@ def test_second_signal_exits_at_once():
 def test_module_constants():
     assert worker.WORKER_MODULE == "nvflare.private.fed.app.client.worker_process"
     assert worker.DEFAULT_INFO_DIR == "/etc/fljob"
+
+
+def test_an_abort_from_the_parent_is_told_to_the_operator(tmp_path):
+    """NVFlare's ABORT arriving over CellNet (not through this relay) is noted, and the termination message says so:
+    the worker's clean exit 0 is then reported Aborted, not Succeeded."""
+    cmds = FakeCommands()
+    relay = AbortRelay(cmds, str(tmp_path / "annotations"), interval=0.05)
+    relay.start()
+    assert wait_for(lambda: AdminCommandNames.ABORT in cmds.hooks)
+    out = tmp_path / "termination-log"
+    relay.write_outcome(str(out))
+    assert not out.exists(), "no abort, no message"
+    cmds.run(AdminCommandNames.ABORT, {})  # as the parent's JobExecutor.abort_app sends it
+    assert relay.aborted
+    relay.write_outcome(str(out))
+    assert out.read_text().splitlines()[0] == "fljob.dev/outcome=Aborted"
