@@ -38,4 +38,4 @@ e2e: ## real NVFlare 2.9.0 jobs on the real node through the operator, and throu
 	  FLJOB_TEST_KUBECONFIG="$$(cd .. && hack/cluster.sh kubeconfig)" FLJOB_TOOLS_BIN="$$D/bin" \
 	  FLJOB_OPERATOR_BIN="$(CURDIR)/target/debug/fljob-operator" \
 	  "$${FLJOB_VENV:-$(CURDIR)/python/.venv}/bin/python" -m pytest -p no:cacheprovider -s -v \
-	    -W ignore::pytest.PytestUnknownMarkWarning tests/test_e2e.py
+	    tests/test_e2e.py

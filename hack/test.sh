@@ -60,6 +60,7 @@ if [[ "$FLJOB_REAL_NODES" == 1 ]]; then
     export "FLJOB_IMAGE_${name^^}=$ref"
   done <"$SNAP/images"
   export FLJOB_REAL_NODE="${FLJOB_REAL_NODE_NAME:-real-node-0}"
+  export FLJOB_REQUIRE_REAL_NODE=1   # python/tests/test_e2e.py must run, not skip
   echo "[test] real node $FLJOB_REAL_NODE; images ready in $((SECONDS - t0))s: $FLJOB_IMAGE_BUSYBOX $FLJOB_IMAGE_WORKER $FLJOB_IMAGE_OPERATOR" >&2
 fi
 
