@@ -45,7 +45,7 @@ if [[ "$REAL" == 1 ]]; then
   if [[ -f "$D/run/demo-operator.pid" ]]; then kill "$(cat "$D/run/demo-operator.pid")" 2>/dev/null || true; rm -f "$D/run/demo-operator.pid"; fi
   # The real node's pods share the host's network: an old operator pod would hold the metrics port while a rolling
   # update starts the new one. Start from a clean release instead (the CRDs and the jobs' namespace stay).
-  "${K[@]}" -n "$NS" delete fljobs --all --wait=true >/dev/null 2>&1 || true
+  "${K[@]}" -n "$NS" delete fljobs --all --wait=true --timeout=60s >/dev/null 2>&1 || true
   "${H[@]}" uninstall fljob-operator -n "$NS" --wait >/dev/null 2>&1 || true
   "${H[@]}" upgrade --install fljob-operator charts/fljob-operator -n "$NS" --wait --timeout 180s \
     --set replicaCount=1 --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" \
@@ -55,7 +55,7 @@ if [[ "$REAL" == 1 ]]; then
     --set-string 'tolerations[0].value=true' --set 'tolerations[0].effect=NoSchedule' >/dev/null
   "${K[@]}" -n "$NS" get pods -l app.kubernetes.io/name=fljob-operator -o wide
   say "Applying examples/site.yaml and examples/jobs.yaml for the real node (capacity: 2 jobs at a time)"
-  "${K[@]}" -n "$NS" delete fljobs --all --wait=true >/dev/null 2>&1 || true
+  "${K[@]}" -n "$NS" delete fljobs --all --wait=true --timeout=60s >/dev/null 2>&1 || true
   # The examples as they are, made to run on this machine's real node: the stand-in worker image, small resources,
   # the node's selector and toleration, and each sim.fljob.dev/* annotation turned into the same behaviour of the
   # stand-in worker (its --set options).
@@ -74,7 +74,7 @@ else
   for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
 
   say "Applying examples/site.yaml and examples/jobs.yaml (capacity: 2 jobs at a time)"
-  "${K[@]}" -n "$NS" delete fljobs --all --wait=true >/dev/null 2>&1 || true
+  "${K[@]}" -n "$NS" delete fljobs --all --wait=true --timeout=60s >/dev/null 2>&1 || true
   "${K[@]}" -n "$NS" apply -f examples/site.yaml -f examples/jobs.yaml
 fi
 
