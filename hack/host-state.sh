@@ -6,8 +6,9 @@
 set -uo pipefail
 {
   awk '{print "mount " $5 " " $9}' /proc/self/mountinfo
+  # (process_api/ is this machine's own per-command cgroups, which come and go with every command run here)
   for c in /sys/fs/cgroup/*/; do
-    find "$c" -mindepth 1 -maxdepth 2 -type d 2>/dev/null | sed 's/^/cgroup /'
+    find "$c" -mindepth 1 -maxdepth 2 -type d 2>/dev/null | grep -v '/process_api' | sed 's/^/cgroup /'
   done
   for s in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes net/ipv4/ip_forward; do
     echo "sysctl $s=$(cat "/proc/sys/$s" 2>/dev/null)"
