@@ -25,6 +25,9 @@ from .mapping import (
     is_terminal,
     job_image_for_site,
     json_safe,
+    k8s_job_settings,
+    merge_pod_templates,
+    study_pod_settings,
     label_value,
     options_from_context,
     resources_for_site,
@@ -204,9 +207,17 @@ class FLJobLauncher(JobLauncherSpec):
         if options:
             spec["options"] = options
         resources = resources_for_site(job_meta, client_name or site)
+        k8s = k8s_job_settings(job_meta, client_name or site)
+        if "ephemeralStorage" in k8s:
+            resources["ephemeralStorage"] = k8s["ephemeralStorage"]
         if resources:
             spec["resources"] = resources
-        image = job_image_for_site(job_meta, client_name or site) or self.image
+        if "pendingTimeoutSeconds" in k8s:
+            spec["pendingTimeoutSeconds"] = k8s["pendingTimeoutSeconds"]
+        args = fl_ctx.get_prop(FLContextKey.ARGS)
+        study = study_pod_settings(job_meta, getattr(args, "workspace", None), self.logger)
+        # A job's own launcher_spec image wins, then its study's (the site's default for the study), then ours.
+        image = job_image_for_site(job_meta, client_name or site) or study.get("image") or self.image
         if image:
             spec["image"] = image
         if self.abort_grace_period_seconds is not None:
@@ -215,7 +226,7 @@ class FLJobLauncher(JobLauncherSpec):
             spec["activeDeadlineSeconds"] = self.active_deadline_seconds
         if self.ttl_seconds_after_finished is not None:
             spec["ttlSecondsAfterFinished"] = self.ttl_seconds_after_finished
-        pod_template = json_safe(self.pod_template)
+        pod_template = merge_pod_templates(json_safe(self.pod_template), study.get("podTemplate"))
         for key, extra in (("annotations", self.pod_annotations), ("labels", self.pod_labels)):
             if extra:
                 metadata = pod_template.setdefault("metadata", {}) or {}

@@ -214,3 +214,115 @@ def return_code_from_status(status: Optional[dict]) -> Optional[int]:
     if code in KNOWN_RETURN_CODES:
         return code
     return JobReturnCode.EXECUTION_ERROR
+
+
+def k8s_job_settings(job_meta: dict, site_name: str) -> Dict[str, Any]:
+    """What `launcher_spec[site].k8s` asks of the pod beyond cpu/memory/gpus and the image, as NVFlare 2.9.0's K8s
+    launcher reads it: `ephemeral_storage` (-> FLJob resources.ephemeralStorage) and `pending_timeout` seconds
+    (-> spec.pendingTimeoutSeconds)."""
+    k8s_spec = get_job_launcher_spec(job_meta, site_name, "k8s") or {}
+    out: Dict[str, Any] = {}
+    storage = k8s_spec.get("ephemeral_storage")
+    if storage is not None:
+        if not isinstance(storage, str) or not storage:
+            raise ValueError(f"launcher_spec k8s.ephemeral_storage must be a quantity string such as 20Gi, got {storage!r}")
+        out["ephemeralStorage"] = storage
+    timeout = k8s_spec.get("pending_timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ValueError(f"launcher_spec k8s.pending_timeout must be a number of seconds >= 0, got {timeout!r}")
+        out["pendingTimeoutSeconds"] = max(1, int(round(timeout)))
+    return out
+
+
+# The fields of a study's pod manifest template that an FLJob's spec.podTemplate carries (the operator builds the
+# rest of the pod itself; containers other than the worker are not supported).
+_TEMPLATE_SPEC_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
+                         "terminationGracePeriodSeconds")
+
+
+def study_pod_settings(job_meta: dict, workspace_root: Optional[str], logger=None) -> Dict[str, Any]:
+    """A study's runtime from the site's `local/study_runtime.yaml` (NVFlare 2.9.0's format, read with NVFlare's
+    own parser), as FLJob fields: {"image": ..., "podTemplate": {...}}. The study's image is the site default (a
+    job's own launcher_spec image wins); datasets become read-only or read-write PVC mounts under
+    /data/<study>/<dataset>; secret_mounts become Secret volumes; env and secret_env become the worker's env; the
+    pod template's metadata and scheduling fields carry over. Empty when the job names no study or the site has
+    no such file. Secret volumes and Secret env need the FLSite's podPolicy to allow them."""
+    import os
+
+    from nvflare.apis.job_def import JobMetaKey
+    from nvflare.app_opt.job_launcher.study_runtime import (
+        load_study_runtime_file,
+        resolve_study_runtime,
+        study_runtime_file_path,
+    )
+
+    study = job_meta.get(JobMetaKey.STUDY.value)
+    if not study or not workspace_root:
+        return {}
+    path = study_runtime_file_path(workspace_root)
+    if not os.path.exists(path):
+        return {}
+    runtime = resolve_study_runtime(load_study_runtime_file(path, launcher_mode="k8s", logger=logger), study, path, logger)
+    volumes: List[dict] = []
+    mounts: List[dict] = []
+    env: List[dict] = []
+    for d in runtime.datasets:
+        name = _sanitize_dns(f"data-{d.study}-{d.dataset}")[:63].strip("-")
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": d.source, "readOnly": bool(d.read_only)}})
+        mounts.append({"name": name, "mountPath": d.mount_path, "readOnly": bool(d.read_only)})
+    for s in runtime.secret_mounts:
+        name = _sanitize_dns(f"secret-{s.study}-{s.name}")[:63].strip("-")
+        source: Dict[str, Any] = {"secretName": s.source}
+        if s.items:
+            source["items"] = [{"key": k, "path": p} for k, p in s.items]
+        volumes.append({"name": name, "secret": source})
+        mounts.append({"name": name, "mountPath": s.mount_path, "readOnly": True})
+    for key, value in (runtime.env or {}).items():
+        env.append({"name": key, "value": str(value)})
+    for ref in runtime.secret_env:
+        env.append({"name": ref.name, "valueFrom": {"secretKeyRef": {"name": ref.source, "key": ref.key or ref.name}}})
+    template: Dict[str, Any] = {}
+    spec: Dict[str, Any] = {}
+    manifest = runtime.pod_template or {}
+    meta = manifest.get("metadata") or {}
+    tmeta = {k: dict(meta[k]) for k in ("labels", "annotations") if meta.get(k)}
+    if tmeta:
+        template["metadata"] = tmeta
+    mspec = manifest.get("spec") or {}
+    for key in _TEMPLATE_SPEC_FIELDS:
+        if key in mspec:
+            spec[key] = mspec[key]
+    volumes = list(mspec.get("volumes") or []) + volumes
+    ignored = sorted(set(mspec) - set(_TEMPLATE_SPEC_FIELDS) - {"volumes", "containers"})
+    if ignored and logger:
+        logger.warning(f"study {study}: pod template fields not carried to the FLJob: {ignored}")
+    if volumes:
+        spec["volumes"] = volumes
+    if mounts:
+        spec["volumeMounts"] = mounts
+    if env:
+        spec["env"] = env
+    if spec:
+        template["spec"] = spec
+    out: Dict[str, Any] = {}
+    if runtime.container_image:
+        out["image"] = runtime.container_image
+    if template:
+        out["podTemplate"] = template
+    return out
+
+
+def merge_pod_templates(base: Optional[dict], extra: Optional[dict]) -> dict:
+    """`extra` over `base` (maps merged, lists appended): the launcher's own pod_template, then a study's."""
+    out = json.loads(json.dumps(base or {}))
+    for section in ("metadata", "spec"):
+        for key, value in ((extra or {}).get(section) or {}).items():
+            cur = out.setdefault(section, {}).get(key)
+            if isinstance(cur, dict) and isinstance(value, dict):
+                out[section][key] = {**cur, **value}
+            elif isinstance(cur, list) and isinstance(value, list):
+                out[section][key] = cur + value
+            else:
+                out[section][key] = value
+    return out
