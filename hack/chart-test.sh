@@ -163,14 +163,13 @@ OPERATOR_RULES = [
     {"apiGroups": ["fljob.dev"], "resources": ["flsites/status"], "verbs": ["update"]},
     {"apiGroups": ["fljob.dev"], "resources": ["fljobs/finalizers"], "verbs": ["update"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 def expected_rules(secret_names=None):
     rules = copy.deepcopy(OPERATOR_RULES)
     if secret_names:
-        rules[7]["resourceNames"] = secret_names
+        next(r for r in rules if r["resources"] == ["secrets"])["resourceNames"] = secret_names
     return rules
 
 dep = one("Deployment")
