@@ -398,7 +398,10 @@ async fn a_pod_the_api_server_refuses_fails_the_job_with_config_error() {
     fl::install_crds();
     let client = common::client().await;
     let ns = common::namespace_with_labels(&client, "refused", &[("pod-security.kubernetes.io/enforce", "restricted")]).await;
-    create_site(&client, ns.name(), &site(Capacity { jobs: Some(1), ..Default::default() })).await;
+    // The site allows hostPath (its podPolicy), the namespace's Pod Security does not: the API server refuses.
+    let mut s = site(Capacity { jobs: Some(1), ..Default::default() });
+    s.spec.pod_policy.allow_host_path = true;
+    create_site(&client, ns.name(), &s).await;
     let op = Operator::start(ns.name());
     let jobs: Api<FLJob> = ns.api();
     let mut j = job("row", &[]);
