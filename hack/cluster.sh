@@ -37,30 +37,10 @@ die() { printf '[cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # --- process bookkeeping --------------------------------------------------------------
 
-pid_of() { # prints the pid of a component if it is alive and is ours
-  local f="$D/run/$1.pid" pid
-  [[ -f "$f" ]] || return 1
-  pid="$(cat "$f")"
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
-  # guard against a recycled pid: our processes all name the state dir on their command line
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$D/" || return 1
-  echo "$pid"
-}
-
-start_bg() { # start_bg NAME CMD... : run detached (own session), log + pid file in $D
-  local name="$1"; shift
-  (
-    # Close every inherited descriptor above 2 (our lock, a CI runner's pipes, ...), so
-    # the daemon holds nothing of its caller's open.
-    for fd in /proc/$BASHPID/fd/*; do
-      fd="${fd##*/}"
-      if ((fd > 2)); then eval "exec ${fd}>&-" 2>/dev/null || true; fi
-    done
-    exec setsid "$@" >"$D/logs/$name.log" 2>&1 </dev/null
-  ) &
-  echo $! >"$D/run/$name.pid"
-}
+# shellcheck source=hack/lib/daemon.sh
+source "$ROOT/hack/lib/daemon.sh"
+pid_of() { daemon_pid "$D" "$1"; }
+start_bg() { daemon_start "$D" "$@"; }
 
 stop_all() {
   local name pid pids=()
@@ -87,29 +67,6 @@ stop_all() {
 }
 
 # --- helpers ----------------------------------------------------------------------------
-
-free_ports() { # free_ports N : N distinct free TCP ports on 127.0.0.1
-  if command -v python3 >/dev/null; then
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-  else
-    local ports=() p
-    while ((${#ports[@]} < $1)); do
-      p=$((20000 + RANDOM % 30000))
-      [[ " ${ports[*]} " == *" $p "* ]] && continue
-      ss -Htln "sport = :$p" 2>/dev/null | grep -q . && continue
-      ports+=("$p")
-    done
-    echo "${ports[*]}"
-  fi
-}
 
 kc() { "$D/bin/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 

@@ -32,24 +32,10 @@ log() { printf '[realnode] %s\n' "$*" >&2; }
 die() { printf '[realnode] ERROR: %s\n' "$*" >&2; exit 1; }
 kc() { "$D/bin/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 
-pid_alive() { # pid_alive NAME: our process of that name is running
-  local f="$R/run/$1.pid" pid
-  [[ -f "$f" ]] || return 1
-  pid="$(cat "$f")"
-  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$R/"
-}
-
-start_bg() { # start_bg NAME CMD...
-  local name="$1"; shift
-  (
-    for fd in /proc/$BASHPID/fd/*; do
-      fd="${fd##*/}"
-      if ((fd > 2)); then eval "exec ${fd}>&-" 2>/dev/null || true; fi
-    done
-    exec setsid "$@" >"$R/logs/$name.log" 2>&1 </dev/null
-  ) &
-  echo $! >"$R/run/$name.pid"
-}
+# shellcheck source=hack/lib/daemon.sh
+source "$ROOT/hack/lib/daemon.sh"
+pid_alive() { daemon_pid "$R" "$1" >/dev/null; }
+start_bg() { daemon_start "$R" "$@"; }
 
 stop_pid() { # stop_pid NAME
   local f="$R/run/$1.pid" pid
@@ -215,11 +201,7 @@ unmount_ours() { # every mount under $R or a netns made for our pods, deepest fi
 
 write_configs() {
   local api_port="$1" kubelet_port healthz_port
-  read -r kubelet_port healthz_port <<<"$(python3 -c '
-import socket
-s = [socket.socket() for _ in range(2)]
-for x in s: x.bind(("127.0.0.1", 0))
-print(*[x.getsockname()[1] for x in s])')"
+  read -r kubelet_port healthz_port <<<"$(free_ports 2)"
   local runc_real python
   runc_real="$(command -v runc)"
   python="$(command -v /usr/bin/python3 || command -v python3)"
