@@ -10,6 +10,10 @@
 #   hack/cluster.sh sa-kubeconfig NAMESPACE SERVICEACCOUNT OUTFILE
 #                                          write a kubeconfig authenticating as that
 #                                          ServiceAccount (token from `kubectl create token`)
+#   hack/cluster.sh stop COMPONENT [SIGNAL]  stop one component (etcd, kube-apiserver, kwok, ...;
+#                                          SIGTERM by default, e.g. KILL for a crash)
+#   hack/cluster.sh start COMPONENT        start it again with the same command line, and wait
+#                                          until it is healthy (for chaos tests)
 #
 # Environment:
 #   FLJOB_CLUSTER_DIR  state dir (default /tmp/fljob-cluster): logs, pid files, certs,
@@ -422,12 +426,47 @@ EOF
   log "wrote $out (ServiceAccount $ns/$sa)"
 }
 
+known_component() { local c; for c in "${COMPONENTS[@]}"; do [[ "$c" == "$1" ]] && return 0; done; return 1; }
+
+cmd_stop() {
+  (($# >= 1)) && known_component "$1" || die "usage: $0 stop COMPONENT [SIGNAL]; COMPONENT is one of: ${COMPONENTS[*]}"
+  local pid
+  pid="$(pid_of "$1")" || { log "$1 is not running"; return 0; }
+  kill -"${2:-TERM}" "$pid"
+  local deadline=$((SECONDS + 15))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  log "stopped $1 (pid $pid)"
+}
+
+cmd_start() {
+  (($# == 1)) && known_component "$1" || die "usage: $0 start COMPONENT; COMPONENT is one of: ${COMPONENTS[*]}"
+  [[ -f "$D/run/$1.cmd" ]] || die "no recorded command line for $1 (was the cluster started by this version?)"
+  if pid_of "$1" >/dev/null; then log "$1 is already running"; return 0; fi
+  # kwok reads its Stages at start: pick up edits of hack/kwok/stages.yaml.
+  [[ "$1" != kwok ]] || cp "$ROOT/hack/kwok/stages.yaml" "$D/kwok-stages.yaml"
+  local -a argv
+  eval "argv=($(cat "$D/run/$1.cmd"))"
+  # The log of the earlier run is kept next to the new one.
+  [[ ! -f "$D/logs/$1.log" ]] || mv -f "$D/logs/$1.log" "$D/logs/$1.log.$(date +%s)"
+  start_bg "$1" "${argv[@]}"
+  case "$1" in
+    etcd) wait_for 30 "etcd health" etcd curl -fsS --max-time 2 "$(grep -o 'http://127.0.0.1:[0-9]*' "$D/run/etcd.cmd" | head -n1)/health" ;;
+    kube-apiserver) wait_for 90 "kube-apiserver /readyz" kube-apiserver api_ready ;;
+    *) sleep 1; pid_of "$1" >/dev/null || die "$1 did not stay up (see $D/logs/$1.log)" ;;
+  esac
+  log "started $1 (pid $(pid_of "$1"))"
+}
+
 case "${1:-}" in
   up) cmd_up ;;
+  stop) shift; cmd_stop "$@" ;;
+  start) shift; cmd_start "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   kubeconfig) cmd_kubeconfig ;;
   sa-kubeconfig) shift; cmd_sa_kubeconfig "$@" ;;
-  -h|--help|help) sed -n '2,20p' "${BASH_SOURCE[0]}" ;;
-  *) sed -n '2,20p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
+  -h|--help|help) sed -n '2,25p' "${BASH_SOURCE[0]}" ;;
+  *) sed -n '2,25p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
 esac

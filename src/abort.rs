@@ -82,9 +82,12 @@ pub fn next_step(abort: &AbortStatus, grace_seconds: i64, pod: AbortPod<'_>, now
         AbortPod::Present(p) => p,
     };
     let state = pod_state(pod);
+    // A deleted pod no node ever took has nothing left to stop (it lingers only for the tracking finalizer).
+    let never_placed = pod.metadata.deletion_timestamp.is_some() && pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none();
     let stopped_code = match &state {
         PodState::Exited { code, .. } => Some(*code),
         PodState::Evicted { .. } | PodState::Lost { .. } => Some(aborted_code),
+        _ if never_placed => Some(aborted_code),
         _ => None,
     };
     if let Some(code) = stopped_code {

@@ -97,6 +97,8 @@ pub enum Step {
     DeleteJob,
     /// Remove the operator's finalizer: cleanup is complete.
     RemoveFinalizer,
+    /// Remove the tracking finalizer from the worker pod: the job's end is recorded, the pod may go.
+    ReleasePod,
 }
 
 /// What the reconciler must do.
@@ -472,6 +474,10 @@ fn finished(cx: &mut Ctx<'_>, input: &Input<'_>, holding: bool) {
         } else if live && p.metadata.deletion_timestamp.is_none() {
             cx.steps.push(Step::DeletePod);
         }
+        // The end is recorded (this is the status as read back), so the pod may now disappear.
+        if p.finalizers().iter().any(|f| f == pod::TRACKING_FINALIZER) {
+            cx.steps.push(Step::ReleasePod);
+        }
     }
     if cx.job.metadata.deletion_timestamp.is_some() {
         if holding {
@@ -486,6 +492,14 @@ fn finished(cx: &mut Ctx<'_>, input: &Input<'_>, holding: bool) {
             None => cx.steps.push(Step::DeleteJob),
         }
     }
+}
+
+/// Whether a deleted pod's worker had already ended when the deletion came. The API server deletes a pod that has
+/// already ended at once (grace period 0), so a grace period means it was still running (and whatever it exits with
+/// is the deletion's doing); with 0, the container must have finished no later than the deletion.
+fn ended_before_deletion(p: &Pod, state: &PodState) -> bool {
+    let (Some(at), Some(0)) = (&p.metadata.deletion_timestamp, p.metadata.deletion_grace_period_seconds) else { return false };
+    matches!(state, PodState::Exited { finished_at: Some(f), .. } if millis(f) <= millis(at))
 }
 
 fn site_of<'a>(view: &SiteView<'a>) -> Option<&'a FLSite> {
@@ -505,13 +519,29 @@ fn pending_timeout(job: &FLJob, site: Option<&FLSite>) -> i64 {
 
 fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
     cx.st.pod_name = Some(p.name_any());
+    let state = pod_state(p);
+    if p.metadata.deletion_timestamp.is_some() && !matches!(state, PodState::Evicted { .. }) && !ended_before_deletion(p, &state) {
+        // Deleted by someone else (the operator deletes only pods of finished or aborting jobs) before the worker
+        // ended by itself: whatever the container exits with now is the deletion's doing, not the job's.
+        let how = match &state {
+            PodState::Exited { code, .. } => format!("; the container then exited {code}"),
+            _ => String::new(),
+        };
+        cx.finish(Outcome {
+            phase: Phase::Failed,
+            reason: Some("PodLost"),
+            exit_code: code::UNKNOWN,
+            message: format!("worker pod {} was deleted by someone else while the job ran{how}; its outcome is unknown", p.name_any()),
+        });
+        return;
+    }
     let image = p
         .spec
         .as_ref()
         .and_then(|s| s.containers.first())
         .and_then(|c| c.image.clone())
         .unwrap_or_default();
-    match pod_state(p) {
+    match state {
         PodState::Waiting { reason, message } => {
             if let Some(outcome) = reason.as_deref().and_then(|r| waiting_failure(r, message.as_deref(), &image)) {
                 cx.finish(outcome);

@@ -331,7 +331,7 @@ fn abort_after_completion_changes_nothing() {
     job.spec.abort = true;
     let d = decide_with(&job, &site(), PodView::Present(&mk_pod("Succeeded", exited(0, "Completed", true))), 9000);
     assert_eq!(d.status, done.status);
-    assert!(d.steps.is_empty());
+    assert_eq!(d.steps, vec![Step::ReleasePod], "only the tracking finalizer goes: the end is recorded");
 }
 
 #[test]
@@ -451,7 +451,56 @@ fn a_recorded_force_delete_is_repeated_while_the_pod_remains() {
     assert_eq!(forced.steps, vec![Step::ForceDeletePod]);
     job.status = Some(forced.status);
     let again = decide_with(&job, &site(), PodView::Present(&pod), 23_000);
-    assert_eq!(again.steps, vec![Step::ForceDeletePod]);
+    assert_eq!(again.steps, vec![Step::ForceDeletePod, Step::ReleasePod]);
+}
+
+#[test]
+fn the_tracking_finalizer_goes_only_once_the_end_is_recorded() {
+    let job = started_job();
+    let pod = mk_pod("Succeeded", exited(0, "Completed", true));
+    let first = observe(&job, &pod);
+    assert_eq!(first.status.phase, Phase::Succeeded);
+    assert!(first.steps.is_empty(), "the end is decided, not yet recorded: the pod keeps its finalizer");
+    let mut recorded = job.clone();
+    recorded.status = Some(first.status);
+    let next = decide_with(&recorded, &site(), PodView::Present(&pod), 7000);
+    assert_eq!(next.steps, vec![Step::ReleasePod]);
+    let mut released = pod.clone();
+    released.metadata.finalizers = None;
+    assert!(decide_with(&recorded, &site(), PodView::Present(&released), 8000).steps.is_empty());
+}
+
+#[test]
+fn a_pod_deleted_by_someone_else_is_lost_unless_it_had_ended_before() {
+    let job = started_job();
+    let mut pod = mk_pod("Failed", exited(143, "Error", true)); // finished at 5 s
+    pod.metadata.deletion_timestamp = Some(t(34_000));
+    pod.metadata.deletion_grace_period_seconds = Some(30); // asked for at 4 s, before the container ended
+    let d = observe(&job, &pod);
+    assert_eq!((d.status.phase, d.status.reason.as_deref(), d.status.exit_code), (Phase::Failed, Some("PodLost"), Some(127)));
+    assert!(d.status.message.as_deref().unwrap_or_default().contains("exited 143"), "{:?}", d.status.message);
+    let mut running = mk_pod("Running", running());
+    running.metadata.deletion_timestamp = Some(t(34_000));
+    assert_eq!(observe(&job, &running).status.reason.as_deref(), Some("PodLost"), "still stopping: lost all the same");
+    // Ended by itself (exit 0 at 5 s), deleted afterwards (the API server then uses grace period 0): its own
+    // outcome stands, even when both fall in the same second.
+    let mut done = mk_pod("Succeeded", exited(0, "Completed", true));
+    done.metadata.deletion_timestamp = Some(t(5_000));
+    done.metadata.deletion_grace_period_seconds = Some(0);
+    assert_eq!(observe(&job, &done).status.phase, Phase::Succeeded);
+}
+
+#[test]
+fn aborting_a_deleted_pod_no_node_took_ends_at_once() {
+    let mut job = admitted_job();
+    aborting(&mut job, 6000);
+    let mut pod = crate::testing::unschedulable_pod(t(1000));
+    pod.spec.as_mut().unwrap().node_name = None;
+    pod.metadata.deletion_timestamp = Some(t(7000));
+    job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(7000));
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 7500);
+    assert_eq!(d.status.phase, Phase::Aborted);
+    assert_eq!(d.status.abort.as_ref().and_then(|a| a.method), Some(AbortMethod::Deleted));
 }
 
 #[test]

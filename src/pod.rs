@@ -31,6 +31,10 @@ pub const SITE_LABEL: &str = "fljob.dev/site";
 pub const INFO_DIR: &str = "/etc/fljob";
 /// The worker container's name.
 pub const CONTAINER: &str = "worker";
+/// The finalizer on every worker pod (the batch Job controller's `job-tracking` idea): the pod cannot vanish before
+/// the operator has recorded how it ended, so a worker that finished while the operator was down is never taken for
+/// one that never ran, and never started twice. The operator removes it once the job's end is in its status.
+pub const TRACKING_FINALIZER: &str = "fljob.dev/pod-tracking";
 /// NVFlare's worker module.
 pub const WORKER_MODULE: &str = "nvflare.private.fed.app.client.worker_process";
 /// The default module the container runs: fljob-launcher's entry point, which runs [`WORKER_MODULE`] in-process.
@@ -139,6 +143,7 @@ fn owned_meta(job: &FLJob, name: String) -> ObjectMeta {
         namespace: job.namespace(),
         labels: Some(labels(job)),
         owner_references: job.controller_owner_ref(&()).map(|r| vec![r]),
+        finalizers: Some(vec![TRACKING_FINALIZER.to_string()]),
         ..ObjectMeta::default()
     }
 }

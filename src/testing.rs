@@ -70,8 +70,14 @@ pub fn mk_job(name: &str, site: &str) -> FLJob {
 
 pub fn mk_pod(phase: &str, state: ContainerState) -> Pod {
     Pod {
-        metadata: ObjectMeta { name: Some("train-abcde".into()), namespace: Some("ns".into()), ..Default::default() },
-        spec: Some(Default::default()),
+        metadata: ObjectMeta {
+            name: Some("train-abcde".into()),
+            namespace: Some("ns".into()),
+            finalizers: Some(vec![crate::pod::TRACKING_FINALIZER.into()]),
+            ..Default::default()
+        },
+        // Scheduled (a pod no node took is a case of its own: `unschedulable_pod`).
+        spec: Some(k8s_openapi::api::core::v1::PodSpec { node_name: Some("node-0".into()), ..Default::default() }),
         status: Some(PodStatus {
             phase: Some(phase.into()),
             container_statuses: Some(vec![ContainerStatus { name: "worker".into(), state: Some(state), ..Default::default() }]),

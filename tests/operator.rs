@@ -274,6 +274,55 @@ async fn operator_restart_mid_run_continues_with_one_pod() {
     env.done().await;
 }
 
+/// Issue 11 #4: a worker that ended while the operator was down, and whose pod someone then deleted, was taken for
+/// one that never ran and started a second time. The pod's tracking finalizer keeps it until its end is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_ended_while_the_operator_was_down_is_never_started_again() {
+    let mut env = Env::new("ended-down", Capacity::default()).await;
+    let uids = watch_pod_uids(&env.client, env.ns.name());
+    env.create(&job("row", &[("sim.fljob.dev/start-delay", "3s"), ("sim.fljob.dev/run-seconds", "1")])).await;
+    let j = wait_job(&env.jobs, "row", 60, |j| st(j).pod_name.is_some()).await;
+    let pods: Api<Pod> = env.ns.api();
+    let name = st(&j).pod_name.unwrap();
+    common::wait_for(&pods, &name, Duration::from_secs(30), |_: &Pod| true).await.unwrap();
+    env.op.kill(); // before the operator saw the worker start (it starts 3 s after scheduling)
+    let pod = common::wait_for(&pods, &name, Duration::from_secs(60), |p: &Pod| common::phase(p) == "Succeeded").await.unwrap();
+    assert_eq!(pod.finalizers(), ["fljob.dev/pod-tracking"]);
+    pods.delete(&name, &DeleteParams::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kept = pods.get(&name).await.expect("the pod stays until its end is recorded");
+    assert!(kept.metadata.deletion_timestamp.is_some());
+    env.op.restart();
+    let j = wait_job(&env.jobs, "row", 60, finished).await;
+    assert_eq!((st(&j).phase, st(&j).exit_code), (Phase::Succeeded, Some(0)), "its own outcome: {:#?}", st(&j));
+    common::wait_gone(&pods, &name, Duration::from_secs(30)).await.expect("released once recorded");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = uids.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "one pod ever: {seen:?}");
+    env.done().await;
+}
+
+/// A worker pod whose FLJob went without the operator (someone removed the FLJob's finalizer by hand) is let go, so
+/// the garbage collector can remove it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pod_whose_fljob_is_gone_is_released() {
+    let mut env = Env::new("orphan", Capacity::default()).await;
+    env.create(&job("row", &[("sim.fljob.dev/run-seconds", "never")])).await;
+    let j = wait_job(&env.jobs, "row", 60, |j| st(j).phase == Phase::Running).await;
+    env.op.kill();
+    let patch = serde_json::json!({"metadata": {"finalizers": null}});
+    env.jobs.patch("row", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.jobs.delete("row", &DeleteParams::default()).await.unwrap();
+    common::wait_gone(&env.jobs, "row", Duration::from_secs(30)).await.unwrap();
+    let pods: Api<Pod> = env.ns.api();
+    let name = st(&j).pod_name.unwrap();
+    let p = common::wait_for(&pods, &name, Duration::from_secs(60), |p: &Pod| p.metadata.deletion_timestamp.is_some()).await.unwrap();
+    assert_eq!(p.finalizers(), ["fljob.dev/pod-tracking"], "the garbage collector waits for the operator");
+    env.op.restart();
+    common::wait_gone(&pods, &name, Duration::from_secs(90)).await.expect("the operator lets the orphan go");
+    env.done().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_cluster_sees_no_writes() {
     let env = Env::new("steady", Capacity::default()).await;

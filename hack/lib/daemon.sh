@@ -24,6 +24,8 @@ daemon_start() { # daemon_start DIR NAME CMD... : run detached (own session); DI
     exec setsid "$@" >"$dir/logs/$name.log" 2>&1 </dev/null
   ) &
   echo $! >"$dir/run/$name.pid"
+  # The exact command line, so `hack/cluster.sh start NAME` can run it again after a stop (chaos tests).
+  printf '%q ' "$@" >"$dir/run/$name.cmd"
 }
 
 free_ports() { # free_ports N : N distinct free TCP ports on 127.0.0.1

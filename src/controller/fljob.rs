@@ -191,16 +191,22 @@ async fn add_finalizer(api: &Api<FLJob>, job: &FLJob) -> Result<()> {
     Ok(())
 }
 
-async fn remove_finalizer(api: &Api<FLJob>, job: &FLJob) -> Result<()> {
-    let Some(i) = job.finalizers().iter().position(|f| f == FINALIZER) else { return Ok(()) };
+/// Removes `finalizer` from `obj` (a JSON patch that tests the index first, so a concurrent change of the list is
+/// refused rather than removing someone else's entry). Gone already counts as done.
+pub(crate) async fn remove_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(i) = obj.finalizers().iter().position(|f| f == finalizer) else { return Ok(()) };
     let patch = serde_json::json!([
-        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": finalizer},
         {"op": "remove", "path": format!("/metadata/finalizers/{i}")}
     ]);
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|e| Error::Serialize("finalizer patch", e))?;
-    match api.patch(&job.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+    match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 422 => Err(Error::Conflict(format!("finalizers of {}", obj.name_any()))),
         Err(e) => Err(kube_err("remove finalizer")(e)),
     }
 }
@@ -225,6 +231,11 @@ async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str
         match step {
             Step::CreatePod => {
                 let Some(site) = site else { continue };
+                if old == d.status && job.status.is_some() {
+                    // No status write went first, so nothing proved this decision was made on the job as it is now
+                    // (a stale cache could still show a job whose pod already ran and went). Ask the API server.
+                    ensure_current(&jobs, job).await?;
+                }
                 match create_pod(ctx, job, site).await? {
                     Created::Yes => {}
                     Created::Refused(rejection) => {
@@ -280,10 +291,25 @@ async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str
                     .map_err(kube_err("delete fljob"))?;
                 publish(ctx, job, &Note { warning: false, reason: "Expired".into(), message: "ttlSecondsAfterFinished passed; deleting the FLJob".into() }).await;
             }
-            Step::RemoveFinalizer => remove_finalizer(&jobs, job).await?,
+            Step::RemoveFinalizer => remove_finalizer(&jobs, job, FINALIZER).await?,
+            Step::ReleasePod => {
+                if let Some(p) = ctx.pods.get(&ObjectRef::new(pod_name).within(&ns)) {
+                    remove_finalizer(&pods, &*p, pod::TRACKING_FINALIZER).await?;
+                }
+            }
         }
     }
     Ok(d.requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
+}
+
+/// Fails with a conflict unless the cached job is the API server's current one (one GET, only on the rare paths
+/// that create a pod without writing the status first: a retried create, a restart between the write and the create).
+async fn ensure_current(api: &Api<FLJob>, job: &FLJob) -> Result<()> {
+    let fresh = api.get_opt(&job.name_any()).await.map_err(kube_err("get fljob"))?;
+    match fresh {
+        Some(f) if f.resource_version() == job.resource_version() => Ok(()),
+        _ => Err(Error::Conflict(format!("FLJob {} changed since it was cached", job.name_any()))),
+    }
 }
 
 fn fail_rejected(st: &mut FLJobStatus, message: &str) {

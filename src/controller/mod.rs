@@ -321,18 +321,64 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
     let job_ctl = fljob::controller(ctx.clone(), jt, st, pt, opts.concurrency);
     let site_ctl = flsite::controller(ctx.clone(), site_triggers.remove(0), job_triggers.remove(0));
     let gauges = refresh_gauges(ctx.clone());
+    let orphans = release_orphans(ctx.clone());
     tokio::select! {
         _ = futures::future::join(job_ctl, site_ctl) => tracing::info!("controllers stopped"),
         _ = drive("fljobs", job_watch, job_out, synced_tx.clone()) => {},
         _ = drive("flsites", site_watch, site_out, synced_tx.clone()) => {},
         _ = drive("pods", pod_watch, pod_out, synced_tx) => {},
         _ = gauges => {},
+        _ = orphans => {},
         _ = mark_ready => {},
         _ = async {
             crate::shutdown_signal().await;
             // The controllers stop by themselves once in-flight reconciles end; do not wait on a stuck one.
             tokio::time::sleep(Duration::from_secs(5)).await;
         } => tracing::warn!("controllers did not stop within 5 s of the signal; exiting"),
+    }
+}
+
+/// How often the caches are swept for worker pods whose FLJob is gone.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(30);
+
+/// Lets go of worker pods whose FLJob no longer exists. The FLJob's own finalizer normally releases its pod first;
+/// this covers an FLJob whose finalizer someone removed by hand, whose pod the garbage collector then cannot delete.
+/// It reads only the caches, and asks the API server once per suspect before it lets a pod go.
+async fn release_orphans(ctx: Arc<Context>) {
+    ctx.ready().await;
+    loop {
+        tokio::time::sleep(ORPHAN_SWEEP).await;
+        for pod in ctx.pods.state() {
+            if !pod.finalizers().iter().any(|f| f == crate::pod::TRACKING_FINALIZER) {
+                continue;
+            }
+            let ns = pod.namespace().unwrap_or_default();
+            let owner = pod.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "FLJob").cloned();
+            if let Some(o) = &owner
+                && ctx.jobs.get(&ObjectRef::new(&o.name).within(&ns)).is_some_and(|j| j.uid().as_deref() == Some(o.uid.as_str()))
+            {
+                continue;
+            }
+            let jobs: Api<FLJob> = Api::namespaced(ctx.client.clone(), &ns);
+            let alive = match &owner {
+                Some(o) => match jobs.get_opt(&o.name).await {
+                    Ok(j) => j.is_some_and(|j| j.uid().as_deref() == Some(o.uid.as_str())),
+                    Err(e) => {
+                        tracing::warn!(pod = %pod.name_any(), namespace = %ns, error = %e, "cannot check the owner of a worker pod");
+                        true
+                    }
+                },
+                None => false,
+            };
+            if alive {
+                continue;
+            }
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            match fljob::remove_finalizer(&pods, &*pod, crate::pod::TRACKING_FINALIZER).await {
+                Ok(()) => tracing::info!(pod = %pod.name_any(), namespace = %ns, "released a worker pod whose FLJob is gone"),
+                Err(e) => tracing::warn!(pod = %pod.name_any(), namespace = %ns, error = %e, "could not release an orphaned worker pod"),
+            }
+        }
     }
 }
 

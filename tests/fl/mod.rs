@@ -318,3 +318,24 @@ impl Env {
         self.op.kill();
     }
 }
+
+/// Every pod UID ever seen in `ns` from now on, recorded by a watch (so a pod created and removed between two
+/// looks still counts): "at most one pod per job" is checked on this.
+pub fn watch_pod_uids(client: &Client, ns: &str) -> std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>> {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let out = seen.clone();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(watcher(pods, watcher::Config::default())));
+        while let Some(ev) = stream.next().await {
+            if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p) | watcher::Event::Delete(p)) = ev
+                && let (Some(uid), Some(name)) = (p.metadata.uid.clone(), p.metadata.name.clone())
+            {
+                out.lock().unwrap().insert(uid, name);
+            }
+        }
+    });
+    seen
+}

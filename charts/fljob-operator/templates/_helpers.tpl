@@ -103,7 +103,8 @@ so a missing verb fails it; hack/chart-test.sh pins this list, so a new verb is 
 - apiGroups: ["fljob.dev"]
   resources: ["fljobs/finalizers"]
   verbs: ["update"]
-# Worker pods: watched (by label), read when the cache lags, created, annotated for the abort relay, deleted.
+# Worker pods: watched (by label), read when the cache lags, created, annotated for the abort relay, released from
+# their tracking finalizer (a patch) once the job's end is recorded, deleted.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
