@@ -33,7 +33,10 @@ pub const ABORT_ANNOTATION: &str = "fljob.dev/abort";
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", description = "Why it failed or was aborted"),
     printcolumn(name = "Job-ID", type_ = "string", json_path = ".spec.jobId", priority = 1, description = "NVFlare job id"),
     printcolumn(name = "Pod", type_ = "string", json_path = ".status.podName", priority = 1, description = "Worker pod"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // The name becomes the worker pod's `fljob.dev/job` label, and label values have at most 63 characters: a longer
+    // name would be accepted here and then every pod for it refused.
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name of an FLJob has at most 63 characters (it becomes the worker pod's fljob.dev/job label); use a shorter name")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FLJobSpec {
@@ -41,13 +44,18 @@ pub struct FLJobSpec {
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("jobId is immutable; create a new FLJob for another job"))]
     pub job_id: String,
-    /// Name of the FLSite in this namespace the job runs at. Immutable.
+    /// Name of the FLSite in this namespace the job runs at (it is also the worker pod's `fljob.dev/site` label, so
+    /// at most 63 characters). Immutable.
     #[schemars(length(min = 1, max = 253))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("site is immutable; create a new FLJob for another site"))]
+    #[x_kube(
+        validation = Rule::new("self == oldSelf").message("site is immutable; create a new FLJob for another site"),
+        validation = Rule::new("size(self) <= 63 && self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("site must be the name of an FLSite: lowercase letters, digits, '-' and '.', at most 63 characters, for example site-a")
+    )]
     pub site: String,
     /// Worker image; the site's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
+    #[x_kube(validation = Rule::new("!self.matches('[\\\\p{Z}\\\\p{C}]')").message("image must be an image reference without spaces or control characters, for example nvflare/nvflare:2.9.0"))]
     pub image: Option<String>,
     /// Free-form job meta, delivered to the worker as `<workspace>/<jobId>/meta.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,13 +64,18 @@ pub struct FLJobSpec {
     /// NVFlare options, each `key=value`, passed as `--set <options...> print_conf=True`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(max = 256)))]
-    #[x_kube(validation = Rule::new("self.all(o, o.matches('^[A-Za-z_][A-Za-z0-9_.-]*=[^\\\\s]*$'))").message("every option must be key=value without spaces, for example secure_train=true"))]
+    #[x_kube(validation = Rule::new("self.all(o, o.matches('^[A-Za-z_][A-Za-z0-9_.-]*=[^\\\\p{Z}\\\\p{C}]*$'))").message("every option must be key=value without spaces or control characters, for example secure_train=true"))]
     pub options: Vec<String>,
     /// What the job needs; requests equal limits; `gpus` becomes `nvidia.com/gpu`; counted against the site's quota.
     /// The site's default resources when absent. Immutable: the site admits a job for what it asked; create a new
-    /// FLJob to ask for more.
+    /// FLJob to ask for more. A cpu or memory of 0 is refused: it would count nothing against the pool and, as a
+    /// limit, mean no limit at all on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("resources are immutable (the site admitted the job for them); create a new FLJob to change them"))]
+    #[x_kube(
+        validation = Rule::new("self == oldSelf").message("resources are immutable (the site admitted the job for them); create a new FLJob to change them"),
+        validation = Rule::new("!has(self.cpu) || !isQuantity(string(self.cpu)) || quantity(string(self.cpu)).isGreaterThan(quantity('0'))").message("resources.cpu must be more than 0 (a limit of 0 is no limit); leave it out for the site's default").field_path(".cpu"),
+        validation = Rule::new("!has(self.memory) || !isQuantity(string(self.memory)) || quantity(string(self.memory)).isGreaterThan(quantity('0'))").message("resources.memory must be more than 0 (a limit of 0 is no limit); leave it out for the site's default").field_path(".memory")
+    )]
     pub resources: Option<Resources>,
     /// Secret with keys `token`, `signature`, `ssid` (and `transferToken` with `workspaceOwner`) for this job only;
     /// the site's `credentialsSecret` when absent. The launcher creates one per job, so it never goes stale.
@@ -184,8 +197,9 @@ pub struct PodTemplateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "opaque_object")]
     pub affinity: Option<Affinity>,
-    /// PriorityClass of the pod.
+    /// PriorityClass of the pod; not one of the cluster's own `system-*` classes, which preempt everything else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self.startsWith('system-')").message("priorityClassName system-node-critical and system-cluster-critical are for the cluster's own components; use a PriorityClass of the site's"))]
     pub priority_class_name: Option<String>,
     /// Seconds between the SIGTERM and the SIGKILL when the pod is deleted (the Kubernetes default, 30, when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]

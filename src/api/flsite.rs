@@ -29,21 +29,26 @@ pub const DEFAULT_PYTHON: &str = "python";
     printcolumn(name = "Max-Jobs", type_ = "integer", json_path = ".spec.capacity.jobs", description = "Job capacity"),
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.used.gpus", description = "GPUs in use"),
     printcolumn(name = "Queued", type_ = "integer", json_path = ".status.queued", description = "Jobs waiting for quota"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // The name becomes the `fljob.dev/site` label of every worker pod (label values have at most 63 characters).
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name of an FLSite has at most 63 characters (it becomes its worker pods' fljob.dev/site label); use a shorter name")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FLSiteSpec {
     /// NVFlare client name of this site, passed to the worker as `-c`.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[^-\\\\p{Z}\\\\p{C}][^\\\\p{Z}\\\\p{C}]*$')").message("clientName must not start with '-' nor hold spaces or control characters (it follows -c on the worker's command line), for example site-a"))]
     pub client_name: String,
     /// The FL server the workers connect to.
     pub server: ServerSpec,
     /// URL of the client parent's internal listener, passed to the worker as `-p` (for example `tcp://site-a-cp:8004`).
     #[schemars(length(min = 1))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^\\\\p{Z}\\\\p{C}]+$')").message("parentUrl must be a URL without spaces, for example tcp://site-a-cp:8004"))]
     pub parent_url: String,
     /// Connection security of the parent listener, passed as `--parent_conn_sec` when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[^-\\\\p{Z}\\\\p{C}][^\\\\p{Z}\\\\p{C}]*$')").message("parentConnSec must not start with '-' nor hold spaces or control characters (it follows --parent_conn_sec on the worker's command line); NVFlare knows clear, tls and mtls"))]
     pub parent_conn_sec: Option<String>,
     /// Secret in this namespace with keys `token`, `signature` and `ssid`, exposed to every worker as
     /// `NVFLARE_JOB_AUTH_TOKEN`, `NVFLARE_JOB_TOKEN_SIGNATURE` and `NVFLARE_JOB_SSID`. A job may name its own.
@@ -102,7 +107,7 @@ pub struct PodPolicy {
 pub struct ServerSpec {
     /// host:port of the FL server, passed to the worker as `-g`.
     #[schemars(length(min = 1))]
-    #[x_kube(validation = Rule::new("self.matches('^[^:/ ]+:[0-9]{1,5}$')").message("server.target must be host:port, for example fl-server.example.org:8002"))]
+    #[x_kube(validation = Rule::new("self.matches('^[^-:/\\\\p{Z}\\\\p{C}][^:/\\\\p{Z}\\\\p{C}]*:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$')").message("server.target must be host:port with a port from 1 to 65535, a host not starting with '-' and no spaces, for example fl-server.example.org:8002"))]
     pub target: String,
     /// Communication scheme, passed as `-scheme` (default grpc).
     #[serde(default)]
@@ -163,6 +168,7 @@ impl Default for WorkspaceSpec {
 pub struct SiteDefaults {
     /// Container image of the NVFlare worker (for example nvflare/nvflare:2.9.0).
     #[schemars(length(min = 1))]
+    #[x_kube(validation = Rule::new("!self.matches('[\\\\p{Z}\\\\p{C}]')").message("defaults.image must be an image reference without spaces or control characters, for example nvflare/nvflare:2.9.0"))]
     pub image: String,
     /// Python interpreter in the image that runs the worker (default `python`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
