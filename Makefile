@@ -2,7 +2,7 @@
 # (hack/tools/) into ~/.cache/fljob-operator/<versions>/bin and run on 127.0.0.1.
 SHELL := /usr/bin/env bash
 
-.PHONY: tools cluster-up cluster-down cluster-status kubeconfig test demo demo-down e2e
+.PHONY: tools cluster-up cluster-down cluster-status kubeconfig test demo demo-down e2e bench
 
 tools: ## build (or reuse) kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm
 	@hack/tools.sh >/dev/null
@@ -21,6 +21,10 @@ kubeconfig: ## print the admin kubeconfig path (use: make -s kubeconfig)
 
 test: ## build tools, bring a cluster up if needed (down again after), cargo test
 	@hack/test.sh
+
+bench: ## scale benchmark against the local cluster, release build: N=1000 FLJobs vs raw pods vs NVFlare's polling (make bench N=10000; BENCH_ARGS=... for more flags)
+	@hack/cluster.sh status >/dev/null || { echo "no healthy cluster: make cluster-up"; exit 1; }
+	@source "$${FLJOB_CLUSTER_DIR:-/tmp/fljob-cluster}/env" && cargo bench --locked --bench scale -- --n $(or $(N),1000) $(BENCH_ARGS)
 
 demo: ## local cluster + chart + operator from this tree + the examples, watched live
 	@hack/demo.sh
