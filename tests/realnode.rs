@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Pod, Toleration};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The real node's name, or None when the suite runs without one (`FLJOB_REAL_NODES=0`: the tests say so and pass
 /// nothing off as checked). Anything else without a node is a setup error, not a skip.
@@ -234,6 +234,57 @@ async fn real_aborts() {
             _ => assert!((11.8..15.0).contains(&took), "{name}: SIGKILLed 2 s after the SIGTERM it ignored: {took}"),
         }
     }
+    env.done().await;
+}
+
+/// Chaos on the real node (issue 13): the operator is SIGKILLed in the middle of two real aborts — right after it
+/// deleted the pod of a worker that ignores both the abort and SIGTERM (the kubelet SIGKILLs it 2 s later, while the
+/// operator is down), and right after it told a second worker, which then stops by itself. The first pod stays
+/// (tracking finalizer) until the restarted operator has recorded how its abort ended. One pod per job, nothing
+/// left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_operator_killed_mid_abort() {
+    let Some(_) = real_node() else { return };
+    let mut env = real_env("real-chaos", Capacity::default()).await;
+    let uids = watch_pod_uids(&env.client, env.ns.name());
+    let mut told = real_job("told", &["run_seconds=forever"]);
+    told.spec.abort_grace_period_seconds = Some(60);
+    let mut deleted = real_job("deleted", &["run_seconds=forever", "on_abort=ignore", "on_term=ignore"]);
+    deleted.spec.abort_grace_period_seconds = Some(2);
+    for j in [&told, &deleted] {
+        env.create(j).await;
+    }
+    for name in ["told", "deleted"] {
+        wait_job(&env.jobs, name, 120, |j| st(j).phase == Phase::Running).await;
+    }
+    let abort = serde_json::json!({"spec": {"abort": true}});
+    let pods: Api<Pod> = env.ns.api();
+    env.jobs.patch("deleted", &PatchParams::default(), &Patch::Merge(&abort)).await.expect("abort");
+    let j = wait_job(&env.jobs, "deleted", 60, |j| st(j).abort.as_ref().is_some_and(|a| a.pod_deleted_at.is_some())).await;
+    let deleted_pod = st(&j).pod_name.unwrap();
+    env.jobs.patch("told", &PatchParams::default(), &Patch::Merge(&abort)).await.expect("abort");
+    let told_pod = st(&wait_job(&env.jobs, "told", 60, |j| st(j).phase == Phase::Aborting).await).pod_name.unwrap();
+    common::wait_for(&pods, &told_pod, Duration::from_secs(30), |p: &Pod| p.annotations().contains_key("fljob.dev/abort")).await.unwrap();
+    env.op.kill();
+    for name in ["told", "deleted"] {
+        assert_eq!(st(&env.jobs.get(name).await.unwrap()).phase, Phase::Aborting, "{name} is mid-abort when the operator dies");
+    }
+    // The kubelet SIGKILLs the deleted pod's worker while the operator is down; the pod is still there to be read.
+    let p = common::wait_for(&pods, &deleted_pod, Duration::from_secs(60), |p: &Pod| container_exit(p).is_some()).await.unwrap();
+    assert_eq!(p.finalizers(), ["fljob.dev/pod-tracking"]);
+    assert!(p.metadata.deletion_timestamp.is_some());
+    env.op.restart();
+    let d = st(&wait_job(&env.jobs, "deleted", 90, finished).await);
+    assert_eq!((d.phase, d.exit_code, d.abort.as_ref().and_then(|a| a.method)), (Phase::Aborted, Some(9), Some(AbortMethod::Deleted)), "{d:#?}");
+    let t = st(&wait_job(&env.jobs, "told", 120, finished).await);
+    assert_eq!((t.phase, t.exit_code, t.abort.as_ref().and_then(|a| a.method)), (Phase::Aborted, Some(0), Some(AbortMethod::Graceful)), "{t:#?}");
+    common::wait_gone(&pods, &deleted_pod, Duration::from_secs(60)).await.expect("the deleted pod goes once its end is recorded");
+    common::wait_for(&pods, &told_pod, Duration::from_secs(30), |p: &Pod| p.finalizers().is_empty())
+        .await
+        .expect("a gracefully stopped pod is kept for its logs, released");
+    let seen = uids.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one pod per job: {seen:?}");
+    println!("real chaos: operator SIGKILLed mid-abort of 2 real pods; after restart: deleted -> Deleted 9, told -> Graceful 0; 2 pods ever");
     env.done().await;
 }
 
