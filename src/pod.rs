@@ -75,6 +75,10 @@ pub fn pod_name(job: &FLJob) -> String {
     format!("{prefix}-{suffix}")
 }
 
+/// Volume types a job's `podTemplate` may use: those the restricted Pod Security profile allows.
+pub const ALLOWED_VOLUME_KINDS: [&str; 8] =
+    ["configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"];
+
 /// The first thing in a job's `podTemplate` its site's `podPolicy` does not allow, as a sentence naming the field and
 /// the rule that would allow it. Checked before a job is admitted: the pod never exists.
 pub fn policy_violation(job: &FLJob, site: &FLSite) -> Option<String> {
@@ -97,6 +101,18 @@ pub fn policy_violation(job: &FLJob, site: &FLSite) -> Option<String> {
         }
         if v.host_path.is_some() && !policy.allow_host_path {
             return Some(format!("spec.podTemplate.spec.volumes[{name}] is a hostPath; remove it, or set {}: true", rule("allowHostPath")));
+        }
+        // Only the volume types the restricted Pod Security profile allows (and hostPath, if the site said so): an
+        // nfs, iscsi, gitRepo, ... volume would reach past the pod.
+        let kinds: Vec<String> = serde_json::to_value(v)
+            .ok()
+            .and_then(|j| j.as_object().map(|o| o.keys().filter(|k| *k != "name").cloned().collect()))
+            .unwrap_or_default();
+        if let Some(kind) = kinds.iter().find(|k| !ALLOWED_VOLUME_KINDS.contains(&k.as_str()) && !(k.as_str() == "hostPath" && policy.allow_host_path)) {
+            return Some(format!(
+                "spec.podTemplate.spec.volumes[{name}] is a {kind} volume, which no site allows (the restricted Pod Security profile forbids it); use one of: {}",
+                ALLOWED_VOLUME_KINDS.join(", ")
+            ));
         }
         for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
             if src.secret.is_some() && !policy.allow_secret_volumes {

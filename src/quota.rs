@@ -22,11 +22,12 @@ pub struct Amount {
 impl std::ops::Add for Amount {
     type Output = Amount;
     fn add(self, o: Amount) -> Amount {
+        // Saturating: absurd quantities the API server accepts must not wrap a total around to "fits".
         Amount {
-            jobs: self.jobs + o.jobs,
-            gpus: self.gpus + o.gpus,
-            cpu_milli: self.cpu_milli + o.cpu_milli,
-            memory_milli: self.memory_milli + o.memory_milli,
+            jobs: self.jobs.saturating_add(o.jobs),
+            gpus: self.gpus.saturating_add(o.gpus),
+            cpu_milli: self.cpu_milli.saturating_add(o.cpu_milli),
+            memory_milli: self.memory_milli.saturating_add(o.memory_milli),
         }
     }
 }
@@ -62,7 +63,7 @@ pub fn milli(q: &Quantity) -> Option<i128> {
     // value = mantissa / scale * mult_num / mult_den, in thousandths, rounded up like Kubernetes does.
     let numer = mantissa.checked_mul(mult_num)?.checked_mul(1000)?;
     let denom = scale.checked_mul(mult_den)?;
-    let v = (numer + denom - 1) / denom;
+    let v = numer.checked_add(denom - 1)? / denom;
     Some(if negative { -v } else { v })
 }
 
@@ -71,7 +72,7 @@ fn cpu_quantity(m: i128) -> Quantity {
 }
 
 fn memory_quantity(m: i128) -> Quantity {
-    let bytes = (m + 999) / 1000;
+    let bytes = m.saturating_add(999) / 1000;
     for (suf, unit) in [("Ti", 1i128 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
         if bytes != 0 && bytes % unit == 0 {
             return Quantity(format!("{}{suf}", bytes / unit));
@@ -135,20 +136,20 @@ fn limits(c: &Capacity) -> Limits {
 pub fn shortfall(capacity: &Capacity, used: Amount, want: Amount) -> Vec<String> {
     let l = limits(capacity);
     let mut short = Vec::new();
-    if let Some(max) = l.jobs.filter(|m| used.jobs + want.jobs > *m) {
+    if let Some(max) = l.jobs.filter(|m| used.jobs.saturating_add(want.jobs) > *m) {
         short.push(format!("jobs: {} of {max} in use", used.jobs));
     }
-    if let Some(max) = l.gpus.filter(|m| used.gpus + want.gpus > *m) {
-        short.push(format!("gpus: needs {}, {} of {max} free", want.gpus, (max - used.gpus).max(0)));
+    if let Some(max) = l.gpus.filter(|m| used.gpus.saturating_add(want.gpus) > *m) {
+        short.push(format!("gpus: needs {}, {} of {max} free", want.gpus, max.saturating_sub(used.gpus).max(0)));
     }
-    if let Some(max) = l.cpu.filter(|m| used.cpu_milli + want.cpu_milli > *m) {
-        short.push(format!("cpu: needs {}, {} of {} free", cpu_quantity(want.cpu_milli).0, cpu_quantity((max - used.cpu_milli).max(0)).0, cpu_quantity(max).0));
+    if let Some(max) = l.cpu.filter(|m| used.cpu_milli.saturating_add(want.cpu_milli) > *m) {
+        short.push(format!("cpu: needs {}, {} of {} free", cpu_quantity(want.cpu_milli).0, cpu_quantity(max.saturating_sub(used.cpu_milli).max(0)).0, cpu_quantity(max).0));
     }
-    if let Some(max) = l.memory.filter(|m| used.memory_milli + want.memory_milli > *m) {
+    if let Some(max) = l.memory.filter(|m| used.memory_milli.saturating_add(want.memory_milli) > *m) {
         short.push(format!(
             "memory: needs {}, {} of {} free",
             memory_quantity(want.memory_milli).0,
-            memory_quantity((max - used.memory_milli).max(0)).0,
+            memory_quantity(max.saturating_sub(used.memory_milli).max(0)).0,
             memory_quantity(max).0
         ));
     }
