@@ -108,7 +108,7 @@ pub fn policy_violation(job: &FLJob, site: &FLSite) -> Option<String> {
             .ok()
             .and_then(|j| j.as_object().map(|o| o.keys().filter(|k| *k != "name").cloned().collect()))
             .unwrap_or_default();
-        if let Some(kind) = kinds.iter().find(|k| !ALLOWED_VOLUME_KINDS.contains(&k.as_str()) && !(k.as_str() == "hostPath" && policy.allow_host_path)) {
+        if let Some(kind) = kinds.iter().find(|k| !(ALLOWED_VOLUME_KINDS.contains(&k.as_str()) || k.as_str() == "hostPath" && policy.allow_host_path)) {
             return Some(format!(
                 "spec.podTemplate.spec.volumes[{name}] is a {kind} volume, which no site allows (the restricted Pod Security profile forbids it); use one of: {}",
                 ALLOWED_VOLUME_KINDS.join(", ")

@@ -100,7 +100,8 @@ fn secs(from: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time, to: &k8s_op
 async fn real_exit_codes() {
     let Some(node) = real_node() else { return };
     let env = real_env("real-exit", Capacity::default()).await;
-    let rows: [(&str, &[&str], Phase, Option<&str>, i32); 4] = [
+    type Row = (&'static str, &'static [&'static str], Phase, Option<&'static str>, i32);
+    let rows: [Row; 4] = [
         ("ok", &["exit_code=0"], Phase::Succeeded, None, 0),
         ("unsafe", &["exit_code=102"], Phase::Failed, Some("UnsafeComponent"), 102),
         ("config", &["exit_code=103"], Phase::Failed, Some("ConfigError"), 103),
