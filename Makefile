@@ -2,7 +2,7 @@
 # (hack/tools/) into ~/.cache/fljob-operator/<versions>/bin and run on 127.0.0.1.
 SHELL := /usr/bin/env bash
 
-.PHONY: tools cluster-up cluster-down cluster-status kubeconfig test demo demo-down e2e bench
+.PHONY: tools cluster-up cluster-down cluster-status kubeconfig test demo demo-down e2e bench chaos
 
 tools: ## build (or reuse) kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm
 	@hack/tools.sh >/dev/null
@@ -43,3 +43,7 @@ e2e: ## real NVFlare 2.9.0 jobs on the real node through the operator, and throu
 	  FLJOB_OPERATOR_BIN="$(CURDIR)/target/debug/fljob-operator" \
 	  "$${FLJOB_VENV:-$(CURDIR)/python/.venv}/bin/python" -m pytest -p no:cacheprovider -s -v \
 	    tests/test_e2e.py
+
+chaos: ## the full chaos run (tests/chaos.rs): 200 FLJobs, 12 operator SIGKILLs, an API server stop and an etcd restart on a control plane of its own (FLJOB_CHAOS_SEED=<seed> replays one)
+	@hack/tools.sh >/dev/null
+	@FLJOB_TOOLS_BIN="$$(hack/tools.sh --print-bin-dir)" FLJOB_CHAOS=full cargo test --locked --test chaos -- --nocapture

@@ -72,6 +72,12 @@ export FLJOB_TEST_KUBECONFIG FLJOB_TOOLS_BIN
 
 cargo test --locked "$@" -- --test-threads=4
 
+if (($# == 0)); then
+  # The scale benchmark's smoke (issue 12): N = 100 in a debug build; it fails only if a figure is missing (the
+  # numbers themselves are `make bench`'s business, not a test's).
+  cargo test --locked --bench scale
+fi
+
 # The NVFlare launcher (python/): unit tests with the real nvflare package, and its integration test against this
 # cluster and the operator binary cargo just built. It must not skip here.
 if (($# == 0)); then
