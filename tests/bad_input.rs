@@ -261,7 +261,7 @@ async fn answered(env: &Env, case: &Case, target: &Value, expect: &Expect) -> Ou
         _ => ("Finished".to_string(), "True".to_string(), "Succeeded".to_string(), None),
     };
     let (t, s, r) = (ctype.clone(), cstatus.clone(), reason.clone());
-    let got = common::wait_for(&env.jobs, &name, Duration::from_secs(ANSWER_SECS), move |j| {
+    let got = wait_unless_down(env, &env.jobs, &name, ANSWER_SECS, move |j| {
         find_condition(&st(j).conditions, &t).is_some_and(|c| c.status == s && c.reason == r)
     })
     .await;
@@ -272,7 +272,7 @@ async fn answered(env: &Env, case: &Case, target: &Value, expect: &Expect) -> Ou
             let last = env.jobs.get_opt(&name).await.ok().flatten().map(|j| st(&j).conditions).unwrap_or_default();
             let seen: Vec<String> = last.iter().map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message)).collect();
             let why = format!("no condition {ctype}={cstatus} reason={reason} within {ANSWER_SECS} s; conditions: {seen:?}");
-            let _ = e;
+            let why = format!("{why} ({e})");
             return Outcome { way, message: seen.join("; "), failure: Some(why) };
         }
     };
@@ -306,12 +306,33 @@ async fn answered(env: &Env, case: &Case, target: &Value, expect: &Expect) -> Ou
     }
     // Whatever it was answered with, it holds no quota unless it is running.
     if st(&job).phase.is_finished() || st(&job).phase == Phase::Pending {
-        let released = common::wait_for(&env.jobs, &name, Duration::from_secs(30), |j| st(j).allocation.is_none()).await;
+        let released = wait_unless_down(env, &env.jobs, &name, 30, |j| st(j).allocation.is_none()).await;
         if released.is_err() {
             failure.get_or_insert("its allocation was never released".into());
         }
     }
     Outcome { way, message, failure }
+}
+
+/// True once the operator has panicked: nothing it was to answer will be answered, so waits end early.
+fn operator_down(env: &Env) -> bool {
+    env.op.logs().contains("panicked at")
+}
+
+/// Like [`common::wait_for`], but gives up as soon as the operator is down.
+async fn wait_unless_down<K>(env: &Env, api: &Api<K>, name: &str, secs: u64, pred: impl Fn(&K) -> bool + Send + 'static) -> anyhow::Result<K>
+where
+    K: Clone + std::fmt::Debug + Send + Sync + serde::de::DeserializeOwned + kube::Resource + serde::Serialize + 'static,
+{
+    let down = async {
+        while !operator_down(env) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        r = common::wait_for(api, name, Duration::from_secs(secs), pred) => r,
+        _ = down => Err(anyhow::anyhow!("the operator is down (it panicked)")),
+    }
 }
 
 fn site_drained(s: &FLSite) -> bool {
@@ -337,17 +358,17 @@ async fn round(prefix: &str, cases: &[&Case]) -> Round {
 
     let mut problems = Vec::new();
     for name in ["control-first", "control-last"] {
-        match common::wait_for(&env.jobs, name, Duration::from_secs(ANSWER_SECS), finished).await {
+        match wait_unless_down(&env, &env.jobs, name, ANSWER_SECS, finished).await {
             Ok(j) if st(&j).phase == Phase::Succeeded => {}
             Ok(j) => problems.push(format!("control job {name} did not succeed: {:?}", st(&j))),
-            Err(_) => problems.push(format!("control job {name} never finished within {ANSWER_SECS} s")),
+            Err(e) => problems.push(format!("control job {name} never finished: {e}")),
         }
     }
     // No quota leaked: every site's ledger empty, then every FLJob can be deleted, and the ledgers stay empty.
     let sites: Api<FLSite> = env.ns.api();
     let site_names: Vec<String> = sites.list(&Default::default()).await.expect("list sites").items.iter().map(|s| s.name_any()).collect();
     for s in &site_names {
-        if common::wait_for(&sites, s, Duration::from_secs(30), site_drained).await.is_err() {
+        if wait_unless_down(&env, &sites, s, 30, site_drained).await.is_err() {
             let status = sites.get(s).await.ok().and_then(|s| s.status);
             problems.push(format!("FLSite {s} still holds quota after every job finished or waits: {status:?}"));
         }
@@ -359,8 +380,8 @@ async fn round(prefix: &str, cases: &[&Case]) -> Round {
         if left.is_empty() {
             break;
         }
-        if Instant::now() > deadline {
-            problems.push(format!("FLJobs still there 60 s after they were deleted (their finalizer was never released): {left:?}"));
+        if Instant::now() > deadline || operator_down(&env) {
+            problems.push(format!("FLJobs still there after they were deleted (their finalizer was never released): {left:?}"));
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -379,6 +400,17 @@ async fn round(prefix: &str, cases: &[&Case]) -> Round {
     }
     if !env.op.running() {
         problems.push(format!("the operator process exited; its log: {}", env.op.log.display()));
+    }
+    if operator_down(&env) {
+        // Nobody is left to release the finalizers: do it, so the namespace can go away from the shared cluster.
+        let clear = Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}}));
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = env.ns.api();
+        for p in pods.list(&Default::default()).await.map(|l| l.items).unwrap_or_default() {
+            let _ = pods.patch(&p.name_any(), &PatchParams::default(), &clear).await;
+        }
+        for j in env.jobs.list(&Default::default()).await.map(|l| l.items).unwrap_or_default() {
+            let _ = env.jobs.patch(&j.name_any(), &PatchParams::default(), &clear).await;
+        }
     }
     env.done().await;
     Round { rows, problems }
