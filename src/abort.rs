@@ -91,10 +91,13 @@ pub fn next_step(abort: &AbortStatus, grace_seconds: i64, pod: AbortPod<'_>, now
         _ => None,
     };
     if let Some(code) = stopped_code {
-        return match abort.pod_deleted_at {
-            // The worker honoured the abort within the grace period: its own code tells how it ended.
-            None => AbortStep::Done { method: AbortMethod::Graceful, exit_code: if deadline_cause { aborted_code } else { code } },
-            Some(_) => AbortStep::Done { method: AbortMethod::Deleted, exit_code: aborted_code },
+        // The worker honoured the abort within the grace period (also when it stopped just before the delete the
+        // operator had already decided on reached the API server): its own code tells how it ended.
+        let by_itself = abort.pod_deleted_at.is_none() || crate::status::ended_before_deletion(pod, &state);
+        return if by_itself {
+            AbortStep::Done { method: AbortMethod::Graceful, exit_code: if deadline_cause { aborted_code } else { code } }
+        } else {
+            AbortStep::Done { method: AbortMethod::Deleted, exit_code: aborted_code }
         };
     }
     let running = matches!(state, PodState::Running { .. });

@@ -9,7 +9,7 @@ use crate::api::{
 };
 use crate::pod::{self, BuildError};
 use crate::quota;
-use crate::status::{Outcome, PodState, client_status_of, code, exit_outcome, pod_state, waiting_failure};
+use crate::status::{Outcome, PodState, client_status_of, code, ended_before_deletion, exit_outcome, pod_state, waiting_failure};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
@@ -494,13 +494,6 @@ fn finished(cx: &mut Ctx<'_>, input: &Input<'_>, holding: bool) {
     }
 }
 
-/// Whether a deleted pod's worker had already ended when the deletion came. The API server deletes a pod that has
-/// already ended at once (grace period 0), so a grace period means it was still running (and whatever it exits with
-/// is the deletion's doing); with 0, the container must have finished no later than the deletion.
-fn ended_before_deletion(p: &Pod, state: &PodState) -> bool {
-    let (Some(at), Some(0)) = (&p.metadata.deletion_timestamp, p.metadata.deletion_grace_period_seconds) else { return false };
-    matches!(state, PodState::Exited { finished_at: Some(f), .. } if millis(f) <= millis(at))
-}
 
 fn site_of<'a>(view: &SiteView<'a>) -> Option<&'a FLSite> {
     match view {

@@ -540,3 +540,23 @@ fn a_clean_exit_after_nvflares_own_abort_is_an_abort() {
     let d = observe(&started_job(), &mk_pod("Succeeded", exited(0, "Completed", true)));
     assert_eq!(d.status.phase, Phase::Succeeded);
 }
+
+#[test]
+fn a_worker_that_stopped_just_before_the_decided_delete_reached_it_is_graceful() {
+    let mut job = started_job();
+    aborting(&mut job, 6000);
+    // The grace period ran out at 16 s and the delete was recorded; the worker had exited 0 at 15 s, so the API
+    // server deleted an already ended pod (grace period 0).
+    job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(16_000));
+    let mut pod = mk_pod("Succeeded", exited(0, "Completed", true));
+    pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(15_000));
+    pod.metadata.deletion_timestamp = Some(t(16_000));
+    pod.metadata.deletion_grace_period_seconds = Some(0);
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 16_500);
+    assert_eq!((d.status.phase, d.status.exit_code), (Phase::Aborted, Some(0)));
+    assert_eq!(d.status.abort.as_ref().and_then(|a| a.method), Some(AbortMethod::Graceful));
+    // Deleted while it still ran (a grace period on the deletion): Deleted, whatever it exited with.
+    pod.metadata.deletion_grace_period_seconds = Some(2);
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 16_500);
+    assert_eq!((d.status.exit_code, d.status.abort.as_ref().and_then(|a| a.method)), (Some(9), Some(AbortMethod::Deleted)));
+}

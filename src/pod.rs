@@ -144,6 +144,21 @@ pub fn credentials_secret(job: &FLJob, site: &FLSite) -> Option<String> {
     job.spec.credentials_secret.clone().or_else(|| site.spec.credentials_secret.clone())
 }
 
+/// The name of the per-job credentials Secret NVFlare's launcher (fljob_launcher) writes for an FLJob, just before
+/// it creates the FLJob: `<fljob>-creds`.
+pub fn per_job_secret_name(job: &FLJob) -> String {
+    format!("{}-creds", job.name_any())
+}
+
+/// Whether the job's credentials are its own per-job Secret (named after the FLJob, as the launcher writes it).
+/// The operator does not read such a Secret: its name cannot be known when the chart's Role is written, so a
+/// least-privilege Role (`rbac.secretNames`) lists only the sites' Secrets; the launcher wrote it before the FLJob,
+/// and if it is missing or lacks a key, the kubelet says so (CreateContainerConfigError -> ConfigError). Naming it
+/// after the FLJob also means a job cannot borrow another job's credentials this way.
+pub fn uses_per_job_secret(job: &FLJob) -> bool {
+    job.spec.credentials_secret.as_deref() == Some(per_job_secret_name(job).as_str())
+}
+
 fn labels(job: &FLJob) -> BTreeMap<String, String> {
     BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),

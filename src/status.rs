@@ -98,6 +98,14 @@ fn disruption_of(pod: &Pod) -> Option<(String, String)> {
     Some((c.reason.clone().unwrap_or_else(|| "DisruptionTarget".into()), c.message.clone().unwrap_or_default()))
 }
 
+/// Whether a deleted pod's worker had already ended when the deletion came. The API server deletes a pod that has
+/// already ended at once (grace period 0), so a grace period means it was still running (and whatever it exits with
+/// is the deletion's doing); with 0, the container must have finished no later than the deletion.
+pub fn ended_before_deletion(p: &Pod, state: &PodState) -> bool {
+    let (Some(at), Some(0)) = (&p.metadata.deletion_timestamp, p.metadata.deletion_grace_period_seconds) else { return false };
+    matches!(state, PodState::Exited { finished_at: Some(f), .. } if crate::api::millis(f) <= crate::api::millis(at))
+}
+
 /// Reads the worker pod's state from its phase, conditions and container statuses.
 pub fn pod_state(pod: &Pod) -> PodState {
     let status = pod.status.clone().unwrap_or_default();

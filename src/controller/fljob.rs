@@ -152,7 +152,7 @@ async fn check_secrets(ctx: &Context, ns: &str, job: &FLJob, site: &FLSite) -> R
     };
     let mut wanted: Vec<(String, String, Vec<&str>)> =
         vec![(site.spec.startup_kit_secret.clone(), format!("spec.startupKitSecret of FLSite {}", site.name_any()), vec![])];
-    if let Some(c) = creds {
+    if let Some(c) = creds.filter(|_| !pod::uses_per_job_secret(job)) {
         wanted.push((c, creds_field, CREDENTIAL_ENV.iter().map(|(k, _)| *k).collect()));
     }
     for (name, field, keys) in wanted {
