@@ -85,7 +85,10 @@ fn memory_quantity(m: i128) -> Quantity {
 pub fn demand(res: &Resources) -> Result<Amount, String> {
     let q = |name: &str, v: &Option<Quantity>| match v {
         None => Ok(0),
-        Some(q) => milli(q).filter(|m| *m >= 0).ok_or_else(|| format!("spec.resources.{name} {:?} is not a Kubernetes quantity", q.0)),
+        Some(q) => milli(q).filter(|m| *m >= 0).ok_or_else(|| {
+            // The API server checks the syntax (CEL isQuantity), so what reaches here is too large to count.
+            format!("spec.resources.{name} {:?} is not a Kubernetes quantity this operator can count (too large?); ask for less", q.0)
+        }),
     };
     Ok(Amount { jobs: 1, gpus: res.gpus.unwrap_or(0).max(0) as i64, cpu_milli: q("cpu", &res.cpu)?, memory_milli: q("memory", &res.memory)? })
 }
