@@ -17,6 +17,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 hack/tools.sh >/dev/null
+# Lua 5.1 + cjson run the Argo CD health check (examples/gitops/argocd-health.lua) in tests/operator.rs.
+if ! command -v lua5.1 >/dev/null || ! lua5.1 -e 'require("cjson")' 2>/dev/null; then
+  echo "[test] installing lua5.1 and lua-cjson (Debian) for the Argo CD health check test" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.1 lua-cjson >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.1 lua-cjson >/dev/null; }
+fi
 export FLJOB_REAL_NODES="${FLJOB_REAL_NODES:-1}"
 D="${FLJOB_CLUSTER_DIR:-/tmp/fljob-cluster}"
 SNAP="$(mktemp -d)"

@@ -93,7 +93,12 @@ pub fn next_step(abort: &AbortStatus, grace_seconds: i64, pod: AbortPod<'_>, now
     if let Some(code) = stopped_code {
         // The worker honoured the abort within the grace period (also when it stopped just before the delete the
         // operator had already decided on reached the API server): its own code tells how it ended.
-        let by_itself = abort.pod_deleted_at.is_none() || crate::status::ended_before_deletion(pod, &state);
+        let by_itself = match &abort.pod_deleted_at {
+            None => true,
+            // The operator's own record of when it decided to delete: the kubelet's final delete rewrites the pod's
+            // deletionTimestamp, so only this time tells which came first.
+            Some(deleted) => crate::status::finished_before(&state, millis(deleted)),
+        };
         return if by_itself {
             AbortStep::Done { method: AbortMethod::Graceful, exit_code: if deadline_cause { aborted_code } else { code } }
         } else {

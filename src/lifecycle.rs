@@ -27,6 +27,11 @@ pub mod cond {
     pub const FINISHED: &str = "Finished";
     /// An App-scope abort was requested.
     pub const ABORT_REQUESTED: &str = "AbortRequested";
+    /// kstatus: the operator is still bringing the job to where it can run (resolving, queued, starting, aborting).
+    pub const RECONCILING: &str = "Reconciling";
+    /// kstatus: the job cannot make progress without someone acting (it failed, or it waits on a missing site or
+    /// Secret, a config error).
+    pub const STALLED: &str = "Stalled";
 }
 
 /// What the site's ledger says about this job.
@@ -184,8 +189,43 @@ impl Ctx<'_> {
         self.cond(cond::FINISHED, true, reason, outcome.message);
     }
 
-    fn done(self) -> Decision {
+    fn done(mut self) -> Decision {
+        self.kstatus();
         Decision { status: self.st, steps: self.steps, requeue: self.requeue }
+    }
+
+    /// The two conditions kstatus (Helm 4's `--wait`, Flux, `kubectl wait`, Argo CD's generic check) reads, derived
+    /// from the phase: `Reconciling` while the job is on its way to running (or being aborted), `Stalled` when it
+    /// failed or waits on something only a person can fix. Running, Succeeded and Aborted jobs are neither: Current.
+    /// They change only with the phase or the Resolved condition, so they add no status write of their own.
+    fn kstatus(&mut self) {
+        let resolved = find_condition(&self.st.conditions, cond::RESOLVED).filter(|c| c.status == "False").cloned();
+        let reconciling = match self.st.phase {
+            Phase::Pending if resolved.is_none() => Some("checking the job's site and Secrets"),
+            Phase::Queued => Some("waiting for quota at its site"),
+            Phase::Starting => Some("starting the worker pod"),
+            Phase::Aborting => Some("relaying the abort to the worker"),
+            _ => None,
+        };
+        let stalled = match (self.st.phase, &resolved) {
+            (Phase::Failed, _) => Some((
+                self.st.reason.clone().unwrap_or_else(|| "Failed".into()),
+                self.st.message.clone().unwrap_or_default(),
+            )),
+            (Phase::Pending, Some(r)) => Some((r.reason.clone(), r.message.clone())),
+            _ => None,
+        };
+        let phase = format!("{:?}", self.st.phase);
+        let c = match reconciling {
+            Some(why) => condition(cond::RECONCILING, true, &phase, why, self.generation, &self.now),
+            None => condition(cond::RECONCILING, false, &phase, "nothing left to do until the job's state changes", self.generation, &self.now),
+        };
+        set_condition(&mut self.st.conditions, c);
+        let c = match stalled {
+            Some((reason, message)) => condition(cond::STALLED, true, &reason, message, self.generation, &self.now),
+            None => condition(cond::STALLED, false, "Progressing", "nothing blocks the job", self.generation, &self.now),
+        };
+        set_condition(&mut self.st.conditions, c);
     }
 }
 
@@ -200,10 +240,9 @@ pub fn decide(input: Input<'_>) -> Decision {
         now: input.now.clone(),
         generation: job.metadata.generation,
     };
-    // A finished job's status is final: a later spec change (say, an abort) is not even acknowledged.
-    if !cx.st.phase.is_finished() {
-        cx.st.observed_generation = job.metadata.generation;
-    }
+    // A finished job's outcome is final: a later spec change (say, an abort) changes nothing in it, but it is still
+    // acknowledged (observedGeneration), or kstatus (Helm, Flux, Argo CD) would wait for it forever.
+    cx.st.observed_generation = job.metadata.generation;
     if cx.st.client_status.is_none() {
         cx.phase(cx.st.phase);
     }
@@ -513,7 +552,12 @@ fn pending_timeout(job: &FLJob, site: Option<&FLSite>) -> i64 {
 fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
     cx.st.pod_name = Some(p.name_any());
     let state = pod_state(p);
-    if p.metadata.deletion_timestamp.is_some() && !matches!(state, PodState::Evicted { .. }) && !ended_before_deletion(p, &state) {
+    let ended_cleanly = matches!(state, PodState::Exited { code: 0, .. });
+    if p.metadata.deletion_timestamp.is_some()
+        && !matches!(state, PodState::Evicted { .. })
+        && !ended_cleanly
+        && !ended_before_deletion(p, &state)
+    {
         // Deleted by someone else (the operator deletes only pods of finished or aborting jobs) before the worker
         // ended by itself: whatever the container exits with now is the deletion's doing, not the job's.
         let how = match &state {

@@ -482,12 +482,21 @@ fn a_pod_deleted_by_someone_else_is_lost_unless_it_had_ended_before() {
     let mut running = mk_pod("Running", running());
     running.metadata.deletion_timestamp = Some(t(34_000));
     assert_eq!(observe(&job, &running).status.reason.as_deref(), Some("PodLost"), "still stopping: lost all the same");
-    // Ended by itself (exit 0 at 5 s), deleted afterwards (the API server then uses grace period 0): its own
-    // outcome stands, even when both fall in the same second.
+    // Ended by itself (exit 0 at 5 s), deleted afterwards: a clean exit stands, even in the same second.
     let mut done = mk_pod("Succeeded", exited(0, "Completed", true));
     done.metadata.deletion_timestamp = Some(t(5_000));
     done.metadata.deletion_grace_period_seconds = Some(0);
     assert_eq!(observe(&job, &done).status.phase, Phase::Succeeded);
+    // Failed by itself (exit 101 at 5 s), deleted at 9 s while the operator was down: its own outcome.
+    let mut failed = mk_pod("Failed", exited(101, "Error", true));
+    failed.metadata.deletion_timestamp = Some(t(9_000));
+    failed.metadata.deletion_grace_period_seconds = Some(0);
+    assert_eq!(observe(&job, &failed).status.reason.as_deref(), Some("Exception"));
+    // Stopped by the deletion: the kubelet's final delete (grace 0) right after it ended is no proof of anything.
+    let mut killed = mk_pod("Failed", exited(143, "Error", true));
+    killed.metadata.deletion_timestamp = Some(t(5_400));
+    killed.metadata.deletion_grace_period_seconds = Some(0);
+    assert_eq!(observe(&job, &killed).status.reason.as_deref(), Some("PodLost"));
 }
 
 #[test]
@@ -555,8 +564,8 @@ fn a_worker_that_stopped_just_before_the_decided_delete_reached_it_is_graceful()
     let d = decide_with(&job, &site(), PodView::Present(&pod), 16_500);
     assert_eq!((d.status.phase, d.status.exit_code), (Phase::Aborted, Some(0)));
     assert_eq!(d.status.abort.as_ref().and_then(|a| a.method), Some(AbortMethod::Graceful));
-    // Deleted while it still ran (a grace period on the deletion): Deleted, whatever it exited with.
-    pod.metadata.deletion_grace_period_seconds = Some(2);
+    // Ended in the same second as the decision: no telling which came first, so the delete counts.
+    pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(16_000));
     let d = decide_with(&job, &site(), PodView::Present(&pod), 16_500);
     assert_eq!((d.status.exit_code, d.status.abort.as_ref().and_then(|a| a.method)), (Some(9), Some(AbortMethod::Deleted)));
 }

@@ -98,12 +98,19 @@ fn disruption_of(pod: &Pod) -> Option<(String, String)> {
     Some((c.reason.clone().unwrap_or_else(|| "DisruptionTarget".into()), c.message.clone().unwrap_or_default()))
 }
 
-/// Whether a deleted pod's worker had already ended when the deletion came. The API server deletes a pod that has
-/// already ended at once (grace period 0), so a grace period means it was still running (and whatever it exits with
-/// is the deletion's doing); with 0, the container must have finished no later than the deletion.
+/// Whether the worker's container had ended before `at` (ms), for sure: its `finishedAt` has whole seconds, so it
+/// must lie a full second before.
+pub fn finished_before(state: &PodState, at: i64) -> bool {
+    matches!(state, PodState::Exited { finished_at: Some(f), .. } if crate::api::millis(f) + 1000 <= at)
+}
+
+/// Whether a pod someone else deleted had ended by itself before the deletion. A grace period still running means
+/// it was deleted while it ran (the API server deletes an ended pod at once). Without one, its deletionTimestamp is
+/// the deletion's time, or the kubelet's final delete right after the container stopped: only a container that
+/// ended clearly before counts as ended by itself.
 pub fn ended_before_deletion(p: &Pod, state: &PodState) -> bool {
     let (Some(at), Some(0)) = (&p.metadata.deletion_timestamp, p.metadata.deletion_grace_period_seconds) else { return false };
-    matches!(state, PodState::Exited { finished_at: Some(f), .. } if crate::api::millis(f) <= crate::api::millis(at))
+    finished_before(state, crate::api::millis(at))
 }
 
 /// Reads the worker pod's state from its phase, conditions and container statuses.

@@ -198,6 +198,8 @@ struct Seen {
     /// This is what decides between a Graceful and a Deleted abort: a node agent that lags after an outage (kwok
     /// retries with a growing delay, as a kubelet does) may act on the abort only after the grace period.
     ended_first: BTreeMap<String, bool>,
+    /// Per job: when its worker container ended (whole seconds), for a watch that saw the end and the deletion at once.
+    finished_at: BTreeMap<String, k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 fn watch_all(client: &Client, ns: &str, seen: Arc<Mutex<Seen>>) {
@@ -215,21 +217,17 @@ fn watch_all(client: &Client, ns: &str, seen: Arc<Mutex<Seen>>) {
                     .and_then(|st| st.container_statuses.as_ref())
                     .is_some_and(|cs| cs.iter().any(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some())));
                 let deleted = p.metadata.deletion_timestamp.is_some();
-                // Deleted after it had ended: the API server then deletes at once (grace period 0) and the
-                // container's finishedAt is no later than the deletion. This also covers a watch that saw both at once.
-                let ended_before = deleted
-                    && p.metadata.deletion_grace_period_seconds == Some(0)
-                    && p.status.as_ref().and_then(|st| st.container_statuses.as_ref()).is_some_and(|cs| {
-                        cs.iter().any(|c| {
-                            let fin = c.state.as_ref().and_then(|s| s.terminated.as_ref()).and_then(|t| t.finished_at.as_ref());
-                            fin.zip(p.metadata.deletion_timestamp.as_ref()).is_some_and(|(f, d)| f.0 <= d.0)
-                        })
-                    });
+                let finished = p
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.container_statuses.as_ref())
+                    .and_then(|cs| cs.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.clone()));
                 let mut seen = s.lock().unwrap();
-                if ended_before {
-                    seen.ended_first.insert(job.clone(), true);
-                } else if terminated || deleted {
+                if terminated || deleted {
                     seen.ended_first.entry(job.clone()).or_insert(!deleted);
+                }
+                if let Some(f) = finished {
+                    seen.finished_at.insert(job.clone(), f);
                 }
                 seen.pods.entry(job).or_default().insert(uid);
             }
@@ -485,7 +483,7 @@ async fn jobs_survive_operator_kills_and_control_plane_restarts() {
     let final_list: BTreeMap<String, FLJob> = jobs.list(&ListParams::default()).await.unwrap().items.into_iter().map(|j| (j.name_any(), j)).collect();
     let seen = {
         let g = seen.lock().unwrap();
-        Seen { pods: g.pods.clone(), last: g.last.clone(), ended_first: g.ended_first.clone() }
+        Seen { pods: g.pods.clone(), last: g.last.clone(), ended_first: g.ended_first.clone(), finished_at: g.finished_at.clone() }
     };
     let mut wrong = Vec::new();
     let mut lost = 0;
@@ -493,7 +491,12 @@ async fn jobs_survive_operator_kills_and_control_plane_restarts() {
     let mut agent_late = 0;
     for (name, sc, _, _) in &plan {
         let (phase, reason, mut code, mut method) = sc.expected();
-        if method == Some(AbortMethod::Graceful) && seen.ended_first.get(name) == Some(&false) {
+        // The watch may have seen the end and the deletion in one event: then the container's end a full second
+        // before the operator decided to delete (status.abort.podDeletedAt) says it ended first.
+        let deleted_at = seen.last.get(name).and_then(|s| s.abort.as_ref()?.pod_deleted_at.clone());
+        let ended_first = seen.ended_first.get(name).copied().unwrap_or(true)
+            || seen.finished_at.get(name).zip(deleted_at.as_ref()).is_some_and(|(f, d)| millis(f) + 1000 <= millis(d));
+        if method == Some(AbortMethod::Graceful) && !ended_first {
             // The worker was not stopped by the abort signal before the grace period ended (its node agent lagged):
             // then the protocol deletes the pod, and Deleted with NVFlare's ABORTED is the right answer.
             agent_late += 1;

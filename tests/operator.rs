@@ -323,6 +323,118 @@ async fn a_worker_pod_whose_fljob_is_gone_is_released() {
     env.done().await;
 }
 
+/// Issue 11 #15: Helm 4's `--wait` (kstatus), `kubectl wait` and GitOps tools read an FLJob's health from
+/// `observedGeneration` and the kstatus conditions `Reconciling` / `Stalled`: a running job is Current, a queued one
+/// is in progress, one waiting on a missing site is stalled, and a finished job still acknowledges a spec change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_wait_and_kubectl_wait_read_the_truth() {
+    let env = Env::new("kstatus", Capacity { jobs: Some(1), ..Default::default() }).await;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kstatus-chart-{}", env.ns.name()));
+    std::fs::create_dir_all(dir.join("templates")).unwrap();
+    std::fs::write(dir.join("Chart.yaml"), "apiVersion: v2\nname: one-fljob\nversion: 0.1.0\n").unwrap();
+    let template = r#"apiVersion: fljob.dev/v1alpha1
+kind: FLJob
+metadata:
+  name: {{ .Release.Name }}
+spec:
+  jobId: {{ .Release.Name }}-0001
+  site: {{ .Values.site }}
+  podTemplate:
+    metadata:
+      annotations:
+        sim.fljob.dev/run-seconds: "never"
+"#;
+    std::fs::write(dir.join("templates/fljob.yaml"), template).unwrap();
+    let helm = |release: &str, site: &str, timeout: &str| {
+        let t0 = std::time::Instant::now();
+        let out = std::process::Command::new(common::tool("helm"))
+            .args(["--kubeconfig"])
+            .arg(common::kubeconfig_path())
+            .args(["install", release])
+            .arg(&dir)
+            .args(["-n", env.ns.name(), "--set", &format!("site={site}"), "--wait=watcher", "--timeout", timeout])
+            .output()
+            .expect("run helm");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text, t0.elapsed())
+    };
+    // Running: Current, so `helm install --wait` returns once the worker runs.
+    let (ok, out, took) = helm("runs", "site-a", "90s");
+    assert!(ok, "helm --wait on a job that runs: {out}");
+    let j = env.jobs.get("runs").await.unwrap();
+    assert_eq!(st(&j).phase, Phase::Running, "helm returned after {took:?} with the job {:?}", st(&j).phase);
+    // Queued behind it (the site holds one job): in progress, so --wait times out instead of lying.
+    let (ok, out, _) = helm("queued", "site-a", "8s");
+    assert!(!ok, "helm --wait must not call a queued job ready: {out}");
+    let q = env.jobs.get("queued").await.unwrap();
+    let reconciling = find_condition(&st(&q).conditions, "Reconciling").expect("Reconciling").clone();
+    assert_eq!((st(&q).phase, reconciling.status.as_str()), (Phase::Queued, "True"), "{:#?}", st(&q).conditions);
+    // A missing site: Stalled, which kubectl wait can wait for.
+    let (ok, out, _) = helm("lost", "no-such-site", "8s");
+    assert!(!ok, "{out}");
+    let out = common::kubectl()
+        .args(["wait", "-n", env.ns.name(), "--for=condition=Stalled", "fljob/lost", "--timeout=30s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kubectl wait --for=condition=Stalled: {}", String::from_utf8_lossy(&out.stderr));
+    let lost = env.jobs.get("lost").await.unwrap();
+    let stalled = find_condition(&st(&lost).conditions, "Stalled").unwrap().clone();
+    assert!(stalled.reason == "SiteNotFound" && stalled.message.contains("no-such-site"), "{stalled:?}");
+    // A finished job acknowledges a later spec change (observedGeneration), its outcome unchanged.
+    env.jobs.patch("runs", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"abort": true}}))).await.unwrap();
+    let done = wait_job(&env.jobs, "runs", 60, finished).await;
+    let generation = done.metadata.generation;
+    let ttl = serde_json::json!({"spec": {"ttlSecondsAfterFinished": 3600}});
+    env.jobs.patch("runs", &PatchParams::default(), &Patch::Merge(&ttl)).await.unwrap();
+    let later = wait_job(&env.jobs, "runs", 30, move |j| j.metadata.generation > generation && st(j).observed_generation == j.metadata.generation).await;
+    assert_eq!((st(&later).phase, st(&later).exit_code), (st(&done).phase, st(&done).exit_code));
+    for c in ["Reconciling", "Stalled"] {
+        assert_eq!(find_condition(&st(&later).conditions, c).map(|c| c.status.as_str()), Some("False"), "{c}: an aborted job is Current");
+    }
+    // The Argo CD health check shipped in examples/gitops/, run by Lua 5.1 (Argo CD's gopher-lua speaks 5.1) on the
+    // live objects, and on a failed copy.
+    let queued = env.jobs.get("queued").await.unwrap();
+    let mut failed = serde_json::to_value(&later).unwrap();
+    failed["status"]["phase"] = "Failed".into();
+    failed["status"]["reason"] = "Exception".into();
+    for (obj, want) in [
+        (serde_json::to_value(&later).unwrap(), "Healthy"),
+        (serde_json::to_value(&queued).unwrap(), "Progressing"),
+        (serde_json::to_value(&lost).unwrap(), "Degraded"),
+        (failed, "Degraded"),
+    ] {
+        let (status, message) = argocd_health(&dir, &obj);
+        assert_eq!(status, want, "{}: {message}", obj["metadata"]["name"]);
+        eprintln!("argocd health {} ({}): {status}: {message}", obj["metadata"]["name"], obj["status"]["phase"]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    env.done().await;
+}
+
+/// Runs examples/gitops/argocd-health.lua on an object the way Argo CD does (the object as the global `obj`, the
+/// chunk returns `{status, message}`), with `lua5.1` and lua-cjson (hack/test.sh installs them).
+fn argocd_health(dir: &std::path::Path, obj: &serde_json::Value) -> (String, String) {
+    let input = dir.join("obj.json");
+    std::fs::write(&input, obj.to_string()).unwrap();
+    let driver = r#"local cjson = require("cjson")
+local f = assert(io.open(arg[1])); obj = cjson.decode(f:read("*a")); f:close()
+local hs = assert(loadfile(arg[2]))()
+io.write(hs.status, "\t", hs.message or "")"#;
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/gitops/argocd-health.lua");
+    let driver_file = dir.join("driver.lua");
+    std::fs::write(&driver_file, driver).unwrap();
+    let out = std::process::Command::new("lua5.1")
+        .arg(&driver_file)
+        .arg(&input)
+        .arg(&script)
+        .output()
+        .expect("lua5.1 (apt-get install lua5.1 lua-cjson; make test installs them)");
+    assert!(out.status.success(), "lua: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, message) = text.split_once('\t').unwrap_or((&text, ""));
+    (status.to_string(), message.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_cluster_sees_no_writes() {
     let env = Env::new("steady", Capacity::default()).await;

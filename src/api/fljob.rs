@@ -253,8 +253,11 @@ impl Phase {
 }
 
 /// What the operator observed of the job.
+// The API server fills in `observedGeneration: 0` until the operator writes the first status: kstatus (Helm's
+// --wait, Flux, Argo CD) would otherwise call a job it has not looked at yet Current.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("default" = {"observedGeneration": 0}))]
 pub struct FLJobStatus {
     /// Lifecycle phase.
     #[serde(default)]
@@ -293,8 +296,9 @@ pub struct FLJobStatus {
     /// The generation of the spec last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Admitted, Started, Finished, AbortRequested, Ready-to-run problems (SiteReady, SecretsReady).
+    /// Resolved, Admitted, Started, Finished, AbortRequested, and kstatus's Reconciling and Stalled (one per type).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -228,6 +228,7 @@ pub struct FLSiteStatus {
     pub observed_generation: Option<i64>,
     /// Ready: the site's settings are usable.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
