@@ -17,9 +17,23 @@ from .mapping import GROUP, PLURAL, VERSION, is_terminal, return_code_from_statu
 
 DEFAULT_WATCH_TIMEOUT_SECONDS = 60
 DEFAULT_TERMINATE_TIMEOUT = 30.0
+# spec.abortGracePeriodSeconds terminate() sets: JobExecutor calls terminate() only once its own graceful window is
+# over (ABORT sent, then max_wait 10 s) or when it wants the job gone at once (still STARTING), so the operator
+# deletes the pod without a second grace period.
+DEFAULT_TERMINATE_GRACE_PERIOD_SECONDS = 0
 _HTTP_GONE = 410
 _REQUEST_TIMEOUT = 30  # seconds for one plain (non-watch) API call
 _HTTP_NOT_FOUND = 404
+_ABORT_RETRY_FIRST = 0.5  # seconds before the first retry of a failed abort request; doubles up to _ABORT_RETRY_MAX
+_ABORT_RETRY_MAX = 5.0
+_PENDING_ABORT_WATCH_SECONDS = 5
+_OPERATOR_ABORT_GRACE = 10  # the operator's spec.abortGracePeriodSeconds when it is not set  # watch timeout while an abort is still to be delivered: retry it this often
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ApiException):
+        return f"{e.status} {e.reason}"
+    return f"{type(e).__name__}: {e}"
 
 # done(obj, deleted) -> True when the observer should stop. obj is the FLJob dict (None when it no longer exists).
 DoneFn = Callable[[Optional[dict], bool], bool]
@@ -32,8 +46,14 @@ class FLJobHandle(JobHandleSpec):
       own ``_PendingJobHandle``), then the NVFlare return code (see ``mapping.return_code_from_status``).
     - wait(): list + watch (field selector ``metadata.name=<name>``) until the phase is terminal; the watch is
       re-established when the server closes it (timeout, 410 Gone); no status polling loop.
-    - terminate(): merge-patches ``spec.abort: true`` and returns once the operator has recorded
-      ``status.abort.requestedAt`` (or the job finished / disappeared), waiting at most ``terminate_timeout`` s.
+    - terminate(): merge-patches ``spec.abort: true`` with ``spec.abortGracePeriodSeconds:
+      terminate_grace_period_seconds`` (default 0: JobExecutor has had its own graceful window already, see
+      ``JobExecutor._terminate_job``) and returns once the operator has recorded ``status.abort.requestedAt`` (or the
+      job finished / disappeared). Everything is bounded by ``terminate_timeout`` s (+ one request timeout). A
+      refused or failing request is retried with backoff within that bound; if the patch never gets through, the
+      FLJob is deleted instead (deleting an FLJob aborts it; its Secret goes with it by ownerReference); if that
+      fails too, the abort stays pending and wait() -- JobExecutor's waiter thread -- keeps delivering it. It never
+      raises (an exception would skip JobExecutor's bookkeeping, or, in launch_job, leave an FLJob nobody watches).
 
     An FLJob that disappears before it finished counts as ABORTED (9): deleting an FLJob aborts its job.
 
@@ -63,6 +83,7 @@ class FLJobHandle(JobHandleSpec):
         credentials_secret: Optional[str] = None,
         workspace_registration=None,
         cell=None,
+        terminate_grace_period_seconds: Optional[int] = DEFAULT_TERMINATE_GRACE_PERIOD_SECONDS,
     ):
         super().__init__()
         self.custom_api = custom_api
@@ -83,6 +104,11 @@ class FLJobHandle(JobHandleSpec):
         self.cell = cell
         self._terminate_called = False
         self.abort_relayed = False
+        self.terminate_grace_period_seconds = terminate_grace_period_seconds
+        # terminate() could not deliver the abort: wait() retries it (next attempt not before _abort_retry_at)
+        self._abort_pending = False
+        self._abort_retry_at = 0.0
+        self._abort_retry_backoff = _ABORT_RETRY_FIRST
 
     def __repr__(self):
         return f"FLJobHandle({self.namespace}/{self.name}, job_id={self.job_id})"
@@ -194,6 +220,8 @@ class FLJobHandle(JobHandleSpec):
                     return True
                 rv = (listing.get("metadata") or {}).get("resourceVersion")
                 seconds = self.watch_timeout_seconds
+                if self._abort_pending:  # come back soon to retry the abort (done() does it)
+                    seconds = min(seconds, _PENDING_ABORT_WATCH_SECONDS)
                 if remaining is not None:
                     seconds = max(1, min(seconds, math.ceil(remaining)))
                 w = self._watch_factory()
@@ -262,7 +290,8 @@ class FLJobHandle(JobHandleSpec):
                 if self._record(obj, deleted) is not None:
                     return True
                 self._relay_abort(obj)
-                return False
+                self._deliver_pending_abort(obj)
+                return self.return_code is not None
 
             self._observe(done, timeout=timeout)
         if self.return_code is not None:
@@ -280,26 +309,91 @@ class FLJobHandle(JobHandleSpec):
         return self._observe(done, timeout=timeout)
 
     def terminate(self):
+        """Abort the job; never raises (see the class docstring). Returns within terminate_timeout s (+ one request
+        timeout); the abort may still be in progress then: wait() reports its end."""
         with self._lock:
             self._terminate_called = True
         if self.return_code is not None:
             return None
         try:
-            obj = self.custom_api.patch_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                self.name,
-                {"spec": {"abort": True}},
-                _request_timeout=_REQUEST_TIMEOUT,
+            self._terminate()
+        except Exception as e:  # a bug must not skip JobExecutor's resource release either
+            self.logger.error(f"terminating FLJob {self.namespace}/{self.name} failed: {_describe(e)}")
+            self._abort_pending = True
+        return None
+
+    def _abort_patch(self) -> dict:
+        spec: dict = {"abort": True}
+        if self.terminate_grace_period_seconds is not None:
+            spec["abortGracePeriodSeconds"] = self.terminate_grace_period_seconds
+        return {"spec": spec}
+
+    def _request_abort(self, request_timeout: float):
+        """One merge patch of spec.abort (+ the grace period). Returns the FLJob, None if it is gone; raises else."""
+        try:
+            return self.custom_api.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, self._abort_patch(),
+                _request_timeout=request_timeout,
             )
         except ApiException as e:
             if e.status == _HTTP_NOT_FOUND:
-                self._record(None, True)
                 return None
-            self.logger.error(f"requesting abort of FLJob {self.namespace}/{self.name} failed: {e}")
             raise
+
+    def _delete_fljob(self, request_timeout: float) -> bool:
+        """Delete the FLJob (the operator aborts a deleted FLJob; its Secret goes with it). True if it is gone."""
+        try:
+            self.custom_api.delete_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=request_timeout
+            )
+            return True
+        except ApiException as e:
+            if e.status == _HTTP_NOT_FOUND:
+                return True
+            self.logger.error(f"deleting FLJob {self.namespace}/{self.name} failed too: {_describe(e)}")
+        except Exception as e:
+            self.logger.error(f"deleting FLJob {self.namespace}/{self.name} failed too: {_describe(e)}")
+        return False
+
+    def _terminate(self):
+        what = f"FLJob {self.namespace}/{self.name}"
+        deadline = time.monotonic() + self.terminate_timeout
+        backoff = _ABORT_RETRY_FIRST
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            try:
+                obj = self._request_abort(max(1.0, min(_REQUEST_TIMEOUT, remaining)))
+                break
+            except Exception as e:
+                remaining = deadline - time.monotonic()
+                if remaining <= backoff:
+                    self.logger.error(
+                        f"requesting the abort of {what} failed {attempt} times within {self.terminate_timeout} s "
+                        f"(last: {_describe(e)}); deleting the FLJob instead"
+                    )
+                    obj = False
+                    break
+                self.logger.warning(
+                    f"requesting the abort of {what} failed ({_describe(e)}); retrying in {backoff:.1f} s"
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _ABORT_RETRY_MAX)
+        if obj is None:  # already gone
+            self._record(None, True)
+            return
+        if obj is False:
+            if self._delete_fljob(_REQUEST_TIMEOUT):
+                self.logger.warning(f"{what} deleted: the operator aborts it; its credentials Secret goes with it")
+            else:
+                self._abort_pending = True
+                self.logger.error(
+                    f"{what} could not be aborted: it may keep running and hold its site's quota. The handle keeps "
+                    f"trying while JobExecutor waits for the job; to stop it by hand: "
+                    f"kubectl -n {self.namespace} delete fljob {self.name}"
+                )
+            return
 
         def recorded(o, deleted):
             if self._record(o, deleted) is not None or deleted:
@@ -307,13 +401,41 @@ class FLJobHandle(JobHandleSpec):
             return bool(((o.get("status") or {}).get("abort") or {}).get("requestedAt"))
 
         if recorded(obj, False):
-            return None
-        if not self._observe(recorded, timeout=self.terminate_timeout):
+            return
+        if not self._observe(recorded, timeout=max(1.0, deadline - time.monotonic())):
             self.logger.warning(
-                f"the operator has not recorded the abort of FLJob {self.namespace}/{self.name} "
-                f"within {self.terminate_timeout} s; spec.abort stays set"
+                f"the operator has not recorded the abort of {what} within {self.terminate_timeout} s; "
+                f"spec.abort stays set"
             )
-        return None
+
+    def _deliver_pending_abort(self, obj: Optional[dict]):
+        """From wait(): retry an abort terminate() could not deliver (with backoff), until it is in the spec."""
+        if not self._abort_pending or obj is None or is_terminal(obj):
+            return
+        spec = obj.get("spec") or {}
+        grace = self.terminate_grace_period_seconds
+        if spec.get("abort") and (grace is None or spec.get("abortGracePeriodSeconds", _OPERATOR_ABORT_GRACE) <= grace):
+            self._abort_pending = False
+            return
+        now = time.monotonic()
+        if now < self._abort_retry_at:
+            return
+        what = f"FLJob {self.namespace}/{self.name}"
+        try:
+            if self._request_abort(_REQUEST_TIMEOUT) is None:
+                self._record(None, True)
+            self._abort_pending = False
+            self.logger.info(f"{what}: the pending abort is now requested")
+            return
+        except Exception as e:
+            self.logger.warning(f"requesting the abort of {what} failed again ({_describe(e)}); deleting it")
+        if self._delete_fljob(_REQUEST_TIMEOUT):
+            self._abort_pending = False
+            self.logger.warning(f"{what} deleted: the operator aborts it; its credentials Secret goes with it")
+            return
+        self._abort_retry_at = now + self._abort_retry_backoff
+        self.logger.warning(f"{what}: the abort is still pending; next try in {self._abort_retry_backoff:.0f} s or more")
+        self._abort_retry_backoff = min(self._abort_retry_backoff * 2, 60.0)
 
     def _terminate_for_heartbeat_cleanup(self):
         # JobExecutor calls this instead of terminate() when the FL server forgot the job; same thing for an FLJob.

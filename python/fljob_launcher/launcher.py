@@ -12,7 +12,13 @@ from nvflare.apis.fl_constant import FLContextKey, JobConstants
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.job_launcher_spec import JobHandleSpec, JobLauncherSpec, JobReturnCode, add_launcher
 
-from .handle import _REQUEST_TIMEOUT, DEFAULT_TERMINATE_TIMEOUT, DEFAULT_WATCH_TIMEOUT_SECONDS, FLJobHandle
+from .handle import (
+    _REQUEST_TIMEOUT,
+    DEFAULT_TERMINATE_GRACE_PERIOD_SECONDS,
+    DEFAULT_TERMINATE_TIMEOUT,
+    DEFAULT_WATCH_TIMEOUT_SECONDS,
+    FLJobHandle,
+)
 from .mapping import (
     API_VERSION,
     GROUP,
@@ -59,13 +65,19 @@ class FLJobLauncher(JobLauncherSpec):
         context: kubeconfig context (default: the file's current context).
         image: worker image for every job, overriding the FLSite default; a job's own
             ``launcher_spec[site].k8s.image`` (as NVFlare's K8s launcher reads it) wins over this.
-        abort_grace_period_seconds: FLJob spec.abortGracePeriodSeconds (NVFlare's max_wait; operator default 10).
+        abort_grace_period_seconds: FLJob spec.abortGracePeriodSeconds (operator default 10): the grace period of
+            aborts started in Kubernetes (spec.abort by hand, FLJob deletion, activeDeadlineSeconds).
+        terminate_grace_period_seconds: the spec.abortGracePeriodSeconds terminate() sets with spec.abort (default
+            0; never more than abort_grace_period_seconds). JobExecutor calls terminate() after its own ABORT and
+            max_wait (10 s), or at once for a job still STARTING: a second grace period would only add to it.
+            None: leave the FLJob's grace period as it is.
         active_deadline_seconds: FLJob spec.activeDeadlineSeconds.
         ttl_seconds_after_finished: FLJob spec.ttlSecondsAfterFinished.
         timeout: if set, launch_job waits up to this many seconds for the job to be Running (like the ``timeout``
             of NVFlare's K8sJobLauncher); past it the job is aborted and reported as EXCEPTION (101). None (the
             default) returns as soon as the FLJob exists: a job may wait in the site's queue.
-        terminate_timeout: how long terminate() waits for the operator to record the abort.
+        terminate_timeout: bound of terminate(): retries of a failing abort request and the wait for the operator
+            to record it (then the FLJob is deleted instead, or wait() keeps retrying).
         watch_timeout_seconds: server-side timeout of each watch request (it is re-established after).
         pod_template: FLJob spec.podTemplate for every job (metadata.labels/annotations; spec.nodeSelector,
             tolerations, affinity, priorityClassName, serviceAccountName, env, volumes, volumeMounts, ...).
@@ -94,6 +106,7 @@ class FLJobLauncher(JobLauncherSpec):
         ttl_seconds_after_finished: Optional[int] = None,
         timeout: Optional[float] = None,
         terminate_timeout: float = DEFAULT_TERMINATE_TIMEOUT,
+        terminate_grace_period_seconds: Optional[int] = DEFAULT_TERMINATE_GRACE_PERIOD_SECONDS,
         watch_timeout_seconds: int = DEFAULT_WATCH_TIMEOUT_SECONDS,
         pod_template: Optional[dict] = None,
         pod_annotations: Optional[Dict[str, str]] = None,
@@ -113,6 +126,7 @@ class FLJobLauncher(JobLauncherSpec):
             ("abort_grace_period_seconds", abort_grace_period_seconds),
             ("active_deadline_seconds", active_deadline_seconds),
             ("ttl_seconds_after_finished", ttl_seconds_after_finished),
+            ("terminate_grace_period_seconds", terminate_grace_period_seconds),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{field} must be a non-negative integer or None")
@@ -135,6 +149,9 @@ class FLJobLauncher(JobLauncherSpec):
         self.ttl_seconds_after_finished = ttl_seconds_after_finished
         self.timeout = timeout
         self.terminate_timeout = terminate_timeout
+        self.terminate_grace_period_seconds = terminate_grace_period_seconds
+        if terminate_grace_period_seconds is not None and abort_grace_period_seconds is not None:
+            self.terminate_grace_period_seconds = min(terminate_grace_period_seconds, abort_grace_period_seconds)
         self.watch_timeout_seconds = watch_timeout_seconds
         self.pod_template = json_safe(pod_template or {})
         self.pod_annotations = {str(k): str(v) for k, v in (pod_annotations or {}).items()}
@@ -309,11 +326,15 @@ class FLJobLauncher(JobLauncherSpec):
             credentials_secret=secret_name,
             workspace_registration=registration,
             cell=getattr(fl_ctx.get_engine(), "cell", None),
+            terminate_grace_period_seconds=self.terminate_grace_period_seconds,
         )
         self.logger.info(f"job {job_id}: {'created' if created else 'adopted'} FLJob {self.namespace}/{name}")
         if self.timeout is not None and not handle.wait_until_started(self.timeout):
             self.logger.warning(f"job {job_id}: FLJob {name} not running after {self.timeout} s; aborting it")
             handle._force_return_code(JobReturnCode.EXCEPTION)
+            # Never raises: an FLJob whose abort the API refuses is deleted instead, or its abort stays pending and
+            # JobExecutor's waiter thread (wait()) keeps delivering it. Raising here would leave the FLJob and its
+            # Secret with nobody watching.
             handle.terminate()
         return handle
 

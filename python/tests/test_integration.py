@@ -341,8 +341,15 @@ def test_success_poll_while_running(site, tmp_path):
     assert fljob(site, name)["status"]["phase"] == "Succeeded"
 
 
+# JobExecutor._terminate_job's max_wait in NVFlare 2.9.0: after its ABORT it waits this long, then terminate().
+JOB_EXECUTOR_MAX_WAIT = 10.0
+
+
 def test_abort_app_terminates_through_spec_abort(site, tmp_path):
-    driver = make_driver(site, tmp_path, {"sim.fljob.dev/run-seconds": "never"}, abort_grace_period_seconds=2)
+    """Still STARTING: JobExecutor.abort_app calls terminate() at once (NVFlare kills the process there); the job
+    ends without waiting out the FLJob's grace period (10 s here)."""
+    grace = 10
+    driver = make_driver(site, tmp_path, {"sim.fljob.dev/run-seconds": "never"}, abort_grace_period_seconds=grace)
     job_id, name = new_job(driver)
     handle = driver.handle(job_id)
     wait_phase(site, handle, ("Running",))
@@ -357,24 +364,60 @@ def test_abort_app_terminates_through_spec_abort(site, tmp_path):
     assert took < 30
 
     assert reported(site, driver, job_id, name) == JobReturnCode.ABORTED
+    to_end = time.monotonic() - t0
+    print(f"STARTING abort: abort_app -> reported {to_end:.1f} s (grace {grace} s); {fljob(site, name)['status'].get('abort')}")
+    assert to_end < grace / 2, f"abort_app -> job end took {to_end:.1f} s: the FLJob's grace period was waited"
     status = fljob(site, name)["status"]
     assert status["phase"] == "Aborted" and status["exitCode"] == 9
     assert status["abort"]["method"] in ("Deleted", "Forced")
 
 
-def test_abort_worker_exits_by_itself_in_grace_period(site, tmp_path):
+def test_abort_of_started_worker_does_not_wait_twice(site, tmp_path):
+    """Issue 11 #17: a worker that checked in gets JobExecutor's ABORT and max_wait (10 s); when it has not stopped
+    by then, JobExecutor calls terminate() -- and the job must end then, not after the FLJob's grace period too."""
+    grace = 10
+    driver = make_driver(site, tmp_path, {"sim.fljob.dev/run-seconds": "never"}, abort_grace_period_seconds=grace)
+    job_id, name = new_job(driver)
+    handle = driver.handle(job_id)
+    wait_phase(site, handle, ("Running",))
+    driver.worker_started(job_id)
+
+    t0 = time.monotonic()
+    driver.abort(job_id)  # ABORT to the job cell (the simulated worker ignores it), max_wait, then terminate()
+    assert [m["topic"] for m in driver.client.cell.sent].count("abort") == 1  # NVFlare's own graceful step
+    assert reported(site, driver, job_id, name) == JobReturnCode.ABORTED
+    to_end = time.monotonic() - t0
+    print(f"STARTED abort: abort_app -> reported {to_end:.1f} s (max_wait {JOB_EXECUTOR_MAX_WAIT} s, grace {grace} s); "
+          f"{fljob(site, name)['status'].get('abort')}")
+    assert to_end >= JOB_EXECUTOR_MAX_WAIT - 0.5  # JobExecutor's graceful window is kept...
+    assert to_end < JOB_EXECUTOR_MAX_WAIT + grace / 2, (  # ...and not followed by a second one
+        f"abort_app -> job end took {to_end:.1f} s: max_wait and then the FLJob's grace period"
+    )
+    status = fljob(site, name)["status"]
+    assert (status["phase"], status["exitCode"]) == ("Aborted", 9)
+    assert status["abort"]["method"] in ("Deleted", "Forced")
+    assert driver.completed(job_id)
+
+
+def test_kubernetes_abort_keeps_the_grace_period(site, tmp_path):
+    """An abort started in Kubernetes (spec.abort by hand) still gets abort_grace_period_seconds: the worker stops
+    by itself within it; the handle relays NVFlare's ABORT and reports ABORTED."""
     driver = make_driver(
         site,
         tmp_path,
-        {"sim.fljob.dev/run-seconds": "never", "sim.fljob.dev/abort-exit-code": "0", "sim.fljob.dev/abort-delay": "1s"},
+        {"sim.fljob.dev/run-seconds": "never", "sim.fljob.dev/abort-exit-code": "0", "sim.fljob.dev/abort-delay": "3s"},
         abort_grace_period_seconds=20,
     )
     job_id, name = new_job(driver)
     handle = driver.handle(job_id)
     wait_phase(site, handle, ("Running",))
-    driver.abort(job_id)
-    assert reported(site, driver, job_id, name) == JobReturnCode.SUCCESS  # the worker's own code
-    status = fljob(site, name)["status"]
+    driver.worker_started(job_id)
+    site["custom"].patch_namespaced_custom_object(GROUP, VERSION, site["ns"], "fljobs", name, {"spec": {"abort": True}})
+    assert reported(site, driver, job_id, name) == JobReturnCode.ABORTED
+    assert any(m["topic"] == "abort" for m in driver.client.cell.sent)  # relayed to the job cell
+    obj = fljob(site, name)
+    assert obj["spec"]["abortGracePeriodSeconds"] == 20
+    status = obj["status"]
     assert status["phase"] == "Aborted" and status["abort"]["method"] == "Graceful"
 
 
@@ -410,3 +453,122 @@ def test_deleting_the_fljob_aborts(site, tmp_path):
     wait_phase(site, driver.handle(job_id), ("Running",))
     site["custom"].delete_namespaced_custom_object(GROUP, VERSION, site["ns"], "fljobs", name)
     assert reported(site, driver, job_id, name) == JobReturnCode.ABORTED
+
+
+# ----- issue 11 #17: a launch timeout whose abort the API server refuses --------------------------------------------
+
+LAUNCHER_RULES_WITHOUT_PATCH = [
+    # what the README asks for, less `patch` on fljobs: the API server refuses spec.abort (403)
+    {"apiGroups": [GROUP], "resources": ["fljobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "update", "patch", "delete"]},
+]
+
+
+def restricted_api_client(site, rules):
+    """An ApiClient acting as a fresh ServiceAccount of the test namespace with a Role of `rules` (a real 403 for
+    what they leave out). Returns (api_client, role name)."""
+    from kubernetes import client, config
+
+    ns, core = site["ns"], site["core"]
+    rbac = client.RbacAuthorizationV1Api(site["api"])
+    name = f"launcher-{uuid.uuid4().hex[:6]}"
+    core.create_namespaced_service_account(ns, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name)))
+    rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
+    rbac.create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+        },
+    )
+    token = core.create_namespaced_service_account_token(
+        name, ns, client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
+    ).status.token
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=site["kubeconfig"], client_configuration=cfg, persist_config=False)
+    cfg.cert_file = cfg.key_file = None  # not the admin's client certificate: the ServiceAccount's token
+    cfg.api_key = {"authorization": f"Bearer {token}"}
+    cfg.api_key_prefix = {}
+    api = client.ApiClient(cfg)
+    who = client.AuthenticationV1Api(api).create_self_subject_review({"apiVersion": "authentication.k8s.io/v1",
+                                                                      "kind": "SelfSubjectReview"})
+    assert who.status.user_info.username == f"system:serviceaccount:{ns}:{name}"
+    return api, name
+
+
+def allocated_jobs(site) -> list:
+    """The FLJob names in the FLSite's ledger (status.allocations)."""
+    flsite = site["custom"].get_namespaced_custom_object(GROUP, VERSION, site["ns"], "flsites", SITE)
+    return [a.get("job") for a in (flsite.get("status") or {}).get("allocations") or []]
+
+
+def gone_within(read, timeout) -> bool:
+    from kubernetes.client.rest import ApiException
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            read()
+        except ApiException as e:
+            if e.status == 404:
+                return True
+            raise
+        time.sleep(0.5)
+    return False
+
+
+def test_launch_timeout_abort_refused_deletes_the_fljob(site, tmp_path):
+    """The launcher's `timeout` passes (the pod cannot be scheduled) and the API server refuses the abort patch
+    (403, RBAC): terminate() retries with backoff within terminate_timeout, then deletes the FLJob (that aborts
+    it); start_app does not fail, JobExecutor reports EXCEPTION (101) and frees the job; the FLJob, its Secret and
+    its quota are gone -- nothing is left behind unwatched."""
+    api, _ = restricted_api_client(site, LAUNCHER_RULES_WITHOUT_PATCH)
+    driver = make_driver(
+        site, tmp_path, {"sim.fljob.dev/unschedulable": "true"}, api_client=api, timeout=2, terminate_timeout=3
+    )
+    t0 = time.monotonic()
+    job_id, name = new_job(driver)  # JobExecutor.start_app -> launch_job: create, wait 2 s, terminate()
+    took = time.monotonic() - t0
+    assert took < 2 + 3 + 30 + 5, took  # timeout + terminate_timeout + one request timeout
+    assert reported(site, driver, job_id, name) == ProcessExitCode.EXCEPTION
+    assert driver.completed(job_id)
+    custom, core, ns = site["custom"], site["core"], site["ns"]
+    assert gone_within(lambda: custom.get_namespaced_custom_object(GROUP, VERSION, ns, "fljobs", name), 60), (
+        f"FLJob {name} left behind: {fljob(site, name)}"
+    )
+    assert gone_within(lambda: core.read_namespaced_secret(f"{name}-creds", ns), 60), "credentials Secret left behind"
+    assert name not in allocated_jobs(site)  # its quota is back in the pool (the FLJob went only after that)
+
+
+def test_launch_timeout_abort_retried_until_allowed(site, tmp_path):
+    """The abort patch is refused (403) at first and allowed 2 s later (the Role is fixed): terminate()'s retries
+    get it through, so the job is aborted through spec.abort and its FLJob is kept as a record."""
+    from kubernetes import client
+
+    api, role = restricted_api_client(site, LAUNCHER_RULES_WITHOUT_PATCH)
+    rbac = client.RbacAuthorizationV1Api(site["api"])
+    driver = make_driver(
+        site, tmp_path, {"sim.fljob.dev/unschedulable": "true"}, api_client=api, timeout=2, terminate_timeout=20
+    )
+
+    def allow_patch():
+        rules = [dict(r) for r in LAUNCHER_RULES_WITHOUT_PATCH]
+        rules[0] = {**rules[0], "verbs": rules[0]["verbs"] + ["patch"]}
+        rbac.patch_namespaced_role(role, site["ns"], {"rules": rules})
+
+    import threading
+
+    timer = threading.Timer(2 + 2, allow_patch)  # 2 s into terminate()'s retries
+    timer.start()
+    try:
+        job_id, name = new_job(driver)
+    finally:
+        timer.join()
+    assert reported(site, driver, job_id, name) == ProcessExitCode.EXCEPTION
+    obj = fljob(site, name)
+    assert obj["spec"]["abort"] is True
+    assert obj["status"]["phase"] == "Aborted"
+    with pytest.raises(Exception) as e:  # the handle removed the job's credentials at its end
+        site["core"].read_namespaced_secret(f"{name}-creds", site["ns"])
+    assert getattr(e.value, "status", None) == 404
