@@ -130,6 +130,8 @@ class FLJobLauncher(JobLauncherSpec):
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{field} must be a non-negative integer or None")
+        if terminate_grace_period_seconds is not None and terminate_grace_period_seconds > 3600:
+            raise ValueError("terminate_grace_period_seconds must be at most 3600 (the FLJob CRD's limit)")
         for field, value in (
             ("pod_template", pod_template),
             ("pod_annotations", pod_annotations),

@@ -49,6 +49,7 @@ class FakeCluster:
         self.calls: List[Tuple[str, str]] = []  # (verb, detail)
         self.patch_hooks: List[Callable[[str, dict], None]] = []
         self.fail_next: Dict[str, ApiException] = {}  # verb -> exception raised once
+        self.failing: Dict[str, BaseException] = {}  # verb -> exception raised on every call while it is here
         self.untimed_calls: List[str] = []  # plain API calls made without _request_timeout (must stay empty)
         self.custom = FakeCustomObjectsApi(self)
         self.core = FakeCoreV1Api(self)
@@ -64,8 +65,9 @@ class FakeCluster:
         obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
 
     def _maybe_fail(self, verb: str):
-        exc = self.fail_next.pop(verb, None)
+        exc = self.fail_next.pop(verb, None) or self.failing.get(verb)
         if exc is not None:
+            self.calls.append(("failed", verb))
             raise exc
 
     def create(self, kind: str, ns: str, body: dict) -> dict:
@@ -263,10 +265,14 @@ class FakeCustomObjectsApi:
 
     def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body, **kwargs) -> object:
         self.c.timed("patch_namespaced_custom_object", kwargs)
+        with self.c.cond:
+            self.c._maybe_fail(f"patch-{_PLURAL_KIND[plural]}")
         return self.c.patch(_PLURAL_KIND[plural], namespace, name, body)
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs) -> object:
         self.c.timed("delete_namespaced_custom_object", kwargs)
+        with self.c.cond:
+            self.c._maybe_fail(f"delete-{_PLURAL_KIND[plural]}")
         self.c.delete(_PLURAL_KIND[plural], namespace, name)
         return {"kind": "Status", "status": "Success"}
 

@@ -7,6 +7,8 @@ from nvflare.apis.job_launcher_spec import JobHandleSpec, JobReturnCode
 from nvflare.fuel.common.exit_codes import ProcessExitCode
 from nvflare.private.fed.utils.fed_utils import get_return_code
 
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError
+
 from conftest import SimOperator
 from fljob_launcher import FLJobHandle
 
@@ -237,3 +239,94 @@ class TestTerminate:
         handle = make_handle(cluster)
         handle._terminate_for_heartbeat_cleanup()
         assert cluster.get("FLJob", NS, NAME)["spec"]["abort"] is True
+
+
+def read_timeout():
+    """What the kubernetes client raises when a call outlives its _request_timeout."""
+    return ReadTimeoutError(None, "/apis/fljob.dev/v1alpha1", "Read timed out. (read timeout=30)")
+
+
+def unreachable():
+    """What it raises when the API server does not answer at all."""
+    return MaxRetryError(None, "/apis/fljob.dev/v1alpha1", "Connection refused")
+
+
+class TestTerminateDoesNotWaitTwice:
+    def test_abort_comes_with_grace_period_zero(self, cluster, fljob):
+        """JobExecutor calls terminate() after its own ABORT + max_wait (or at once while STARTING): the FLJob's
+        grace period must not be waited on top of that."""
+        SimOperator(cluster)
+        handle = make_handle(cluster)
+        handle.terminate()
+        spec = cluster.get("FLJob", NS, NAME)["spec"]
+        assert (spec["abort"], spec["abortGracePeriodSeconds"]) == (True, 0)
+
+    def test_configured_terminate_grace(self, cluster, fljob):
+        SimOperator(cluster)
+        handle = make_handle(cluster, terminate_grace_period_seconds=3)
+        handle.terminate()
+        assert cluster.get("FLJob", NS, NAME)["spec"]["abortGracePeriodSeconds"] == 3
+
+    def test_none_leaves_the_grace_period(self, cluster, fljob):
+        SimOperator(cluster)
+        handle = make_handle(cluster, terminate_grace_period_seconds=None)
+        handle.terminate()
+        spec = cluster.get("FLJob", NS, NAME)["spec"]
+        assert spec["abort"] is True and "abortGracePeriodSeconds" not in spec
+
+
+class TestTerminateFailures:
+    """terminate() when the API fails. The real cluster stages a refused patch (403, tests/test_integration.py);
+    a request that times out and an API server that does not answer at all cannot be staged there without stopping
+    the shared API server, so they are faked here."""
+
+    def test_timed_out_patch_is_retried(self, cluster, fljob):
+        SimOperator(cluster)
+        cluster.fail_next["patch-FLJob"] = read_timeout()
+        handle = make_handle(cluster, terminate_timeout=10)
+        t0 = time.monotonic()
+        handle.terminate()
+        assert time.monotonic() - t0 < 3  # one retry after 0.5 s, then the operator records it
+        assert cluster.count("failed", "patch-FLJob") == 1
+        assert cluster.get("FLJob", NS, NAME)["spec"]["abort"] is True
+        handle.wait(timeout=5)
+        assert handle.poll() == JobReturnCode.ABORTED
+
+    def test_refused_patch_deletes_the_fljob(self, cluster, fljob):
+        cluster.failing["patch-FLJob"] = ApiException(status=403, reason="Forbidden")
+        handle = make_handle(cluster, terminate_timeout=2)
+        t0 = time.monotonic()
+        assert handle.terminate() is None  # does not raise
+        assert time.monotonic() - t0 < 2 + 1
+        assert cluster.count("failed", "patch-FLJob") >= 3  # retried with backoff within terminate_timeout
+        assert cluster.fljobs() == []  # deleted instead: the operator aborts a deleted FLJob
+        handle.wait(timeout=5)
+        assert handle.poll() == JobReturnCode.ABORTED
+
+    def test_unreachable_api_never_raises_and_wait_delivers_the_abort(self, cluster, fljob):
+        """Patch and delete both fail for longer than terminate_timeout: terminate() returns, the abort stays
+        pending, and wait() (JobExecutor's waiter thread) delivers it once the API answers again."""
+        cluster.set_status(NAME, {"phase": "Running"})
+        cluster.failing["patch-FLJob"] = unreachable()
+        cluster.failing["delete-FLJob"] = unreachable()
+        handle = make_handle(cluster, terminate_timeout=1.5)
+        t0 = time.monotonic()
+        assert handle.terminate() is None
+        assert time.monotonic() - t0 < 1.5 + 1
+        assert "abort" not in cluster.get("FLJob", NS, NAME)["spec"]
+        SimOperator(cluster)
+        t, result = run_in_thread(lambda: handle.wait(timeout=30))
+        time.sleep(1.0)
+        assert t.is_alive()  # still waiting: the job has not ended
+        cluster.failing.clear()  # the API server is back
+        t.join(15)
+        assert not t.is_alive(), "wait() did not deliver the pending abort"
+        spec = cluster.get("FLJob", NS, NAME)["spec"]
+        assert (spec["abort"], spec["abortGracePeriodSeconds"]) == (True, 0)
+        assert handle.poll() == JobReturnCode.ABORTED
+
+    def test_unexpected_error_does_not_escape(self, cluster, fljob):
+        cluster.failing["patch-FLJob"] = RuntimeError("boom")
+        cluster.failing["delete-FLJob"] = RuntimeError("boom")
+        handle = make_handle(cluster, terminate_timeout=0.5)
+        assert handle.terminate() is None

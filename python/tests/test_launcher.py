@@ -146,6 +146,9 @@ class TestSelection:
             {"namespace": ""},
             {"abort_grace_period_seconds": -1},
             {"abort_grace_period_seconds": True},
+            {"terminate_grace_period_seconds": -1},
+            {"terminate_grace_period_seconds": 1.5},
+            {"terminate_grace_period_seconds": 3601},
             {"pod_annotations": ["a"]},
             {"kubeconfig": "a", "config_file_path": "b"},
             {"pod_template": {"kind": "Pod"}},
@@ -337,8 +340,20 @@ class TestLaunch:
         handle = launcher.launch_job(job_meta(), make_ctx(launcher))  # stays Pending: nobody admits it
         [fljob] = cluster.fljobs()
         assert fljob["spec"]["abort"] is True
+        assert fljob["spec"]["abortGracePeriodSeconds"] == 0  # nothing to wait for: the job never ran
         handle.wait(timeout=5)
         assert handle.poll() == JobReturnCode.EXCEPTION
+
+    @pytest.mark.parametrize("abort_grace,terminate_grace,expected", [(None, 5, 5), (2, 5, 2), (20, None, 20)])
+    def test_terminate_grace_never_above_abort_grace(self, cluster, sim_operator, abort_grace, terminate_grace,
+                                                     expected):
+        launcher = make_launcher(
+            cluster, timeout=0.3, abort_grace_period_seconds=abort_grace, terminate_grace_period_seconds=terminate_grace
+        )
+        launcher.launch_job(job_meta(), make_ctx(launcher))
+        [fljob] = cluster.fljobs()
+        assert fljob["spec"]["abort"] is True
+        assert fljob["spec"]["abortGracePeriodSeconds"] == expected
 
     def test_start_timeout_not_hit(self, cluster):
         launcher = make_launcher(cluster, timeout=5)
