@@ -701,14 +701,14 @@ fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
         return;
     }
     let Some(value) = cx.job.annotations().get(ABORT_TASK_ANNOTATION).cloned() else { return };
-    if cx.st.last_task_abort.as_ref().is_some_and(|t| t.value == value) {
-        return;
-    }
-    let on_pod = p.annotations().get(ABORT_TASK_ANNOTATION);
-    if on_pod != Some(&value) {
+    // The pod itself says whether the relay happened: the status is written first, and an operator killed in between
+    // must still annotate the pod after its restart.
+    if p.annotations().get(ABORT_TASK_ANNOTATION) != Some(&value) {
         cx.steps.push(Step::AnnotatePod { key: ABORT_TASK_ANNOTATION, value: value.clone() });
     }
-    cx.st.last_task_abort = Some(TaskAbortStatus { value, relayed_at: cx.now.clone() });
+    if cx.st.last_task_abort.as_ref().is_none_or(|t| t.value != value) {
+        cx.st.last_task_abort = Some(TaskAbortStatus { value, relayed_at: cx.now.clone() });
+    }
 }
 
 /// Why a queued job waits: which resources are short (with what it needs and the site's capacity, not the

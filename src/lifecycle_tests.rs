@@ -401,7 +401,13 @@ fn task_abort_is_relayed_once_and_the_pod_keeps_running() {
     assert_eq!(d.status.last_task_abort.as_ref().unwrap().value, "1");
     assert_eq!(d.status.phase, Phase::Running);
     job.status = Some(d.status);
-    let d = decide_with(&job, &site(), PodView::Present(&pod), 7000);
+    // Recorded, but the operator died before it annotated the pod: the pod says so, and the relay is done again.
+    let again = decide_with(&job, &site(), PodView::Present(&pod), 7000);
+    assert_eq!(again.steps, vec![Step::AnnotatePod { key: ABORT_TASK_ANNOTATION, value: "1".into() }]);
+    assert_eq!(again.status.last_task_abort.as_ref().unwrap().relayed_at, t(6000), "recorded once");
+    let mut annotated = pod.clone();
+    annotate(&mut annotated, ABORT_TASK_ANNOTATION, "1");
+    let d = decide_with(&job, &site(), PodView::Present(&annotated), 8000);
     assert!(d.steps.is_empty(), "relayed once");
 }
 

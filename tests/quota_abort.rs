@@ -220,8 +220,11 @@ async fn abort_after_completion_changes_nothing() {
     abort(&env, "j").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = env.jobs.get("j").await.unwrap();
-    assert_eq!(st(&after), st(&before), "a finished job's status never changes");
+    // The outcome never changes; the spec change is only acknowledged (observedGeneration, for kstatus).
+    let outcome = |s: FLJobStatus| (s.phase, s.client_status, s.exit_code, s.reason, s.message, s.completion_time, s.abort, s.allocation);
+    assert_eq!(outcome(st(&after)), outcome(st(&before)), "a finished job's outcome never changes");
     assert_eq!(st(&after).phase, Phase::Succeeded);
+    assert_eq!(st(&after).observed_generation, after.metadata.generation, "the abort is acknowledged");
     env.done().await;
 }
 
@@ -359,7 +362,8 @@ async fn task_abort_reaches_the_running_worker_which_keeps_running() {
     let j = wait_job(&env.jobs, "j", 30, |j| st(j).last_task_abort.is_some()).await;
     assert_eq!(st(&j).last_task_abort.unwrap().value, "round-3");
     let pods: Api<Pod> = env.ns.api();
-    let p = pods.get(&pod).await.unwrap();
+    // The status is recorded first, then the pod annotated.
+    let p = common::wait_for(&pods, &pod, Duration::from_secs(30), |p: &Pod| p.annotations().contains_key("fljob.dev/abort-task")).await.unwrap();
     assert_eq!(p.annotations().get("fljob.dev/abort-task").map(String::as_str), Some("round-3"));
     assert!(!p.annotations().contains_key("fljob.dev/abort"), "not an App abort");
     tokio::time::sleep(Duration::from_secs(2)).await;
