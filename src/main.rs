@@ -59,6 +59,10 @@ struct RunArgs {
     /// How long a Lease stays valid without renewal, in seconds.
     #[arg(long, default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Run even on CRDs older than this build's (which prune fields it writes): only to let an old release finish a
+    /// controlled migration. Normally the operator refuses, saying how to update the CRDs.
+    #[arg(long, env = "FLJOB_ALLOW_OLD_CRDS")]
+    allow_old_crds: bool,
     /// How many FLJobs are reconciled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -152,6 +156,13 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
+    if let Err(e) = check_installed_crds(&client).await {
+        if !args.allow_old_crds {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, "running on older CRDs (--allow-old-crds)");
+    }
+
     let identity = identity();
     // Ready once the caches are synced (the controllers set it), or while standing by for the lease.
     let opts = Options { namespace: args.namespace.clone(), identity: identity.clone(), concurrency: args.concurrency, ready: ready.clone() };
@@ -180,6 +191,55 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             metrics.leader.set(0);
             Err("lost leadership; exiting so that only one replica reconciles".into())
         }
+    }
+}
+
+/// Refuses to run on CRDs older than this build's (see `api::installed`). Reads the API server's published OpenAPI
+/// document, which every authenticated client may read (no ClusterRole needed); it lags a CRD change by seconds, so
+/// a mismatch is retried for 30 s before it counts.
+async fn check_installed_crds(client: &kube::Client) -> Result<(), Box<dyn std::error::Error>> {
+    use fljob_operator::api::{FLJob, FLSite, installed};
+    use kube::CustomResourceExt;
+    let compiled = |crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
+        crd.spec.versions.first().and_then(|v| v.schema.as_ref()?.open_api_v3_schema.as_ref()).and_then(|s| serde_json::to_value(s).ok())
+    };
+    let wanted = [("FLJob", FLJob::crd_name(), compiled(FLJob::crd())), ("FLSite", FLSite::crd_name(), compiled(FLSite::crd()))];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let req = http::Request::get("/openapi/v3/apis/fljob.dev/v1alpha1").body(Vec::new())?;
+        let problem = match client.request_text(req).await {
+            Err(e) => format!("cannot read the installed CRDs' schema (/openapi/v3/apis/fljob.dev/v1alpha1): {e}; are the CRDs installed?"),
+            Ok(text) => {
+                let doc: serde_json::Value = serde_json::from_str(&text)?;
+                let mut lacking = Vec::new();
+                for (kind, name, schema) in &wanted {
+                    let published = doc.pointer(&format!("/components/schemas/dev.fljob.v1alpha1.{kind}"));
+                    match (schema, published) {
+                        (Some(schema), Some(published)) => {
+                            let missing = installed::missing(schema, published);
+                            if !missing.is_empty() {
+                                lacking.push(format!("{name} lacks {}", missing.join(", ")));
+                            }
+                        }
+                        _ => lacking.push(format!("{name} is not installed")),
+                    }
+                }
+                if lacking.is_empty() {
+                    return Ok(());
+                }
+                format!(
+                    "the installed CRDs are older than this operator ({}); apply the chart's CRDs first: \
+                     helm show crds <chart> --version <version> | kubectl apply --server-side --force-conflicts -f - \
+                     (README, \"Upgrading\")",
+                    lacking.join("; ")
+                )
+            }
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(problem.into());
+        }
+        tracing::warn!(%problem, "checking the installed CRDs again in 2 s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 

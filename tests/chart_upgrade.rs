@@ -116,7 +116,7 @@ struct Operator {
 }
 
 impl Operator {
-    async fn start(client: &Client, kubeconfig: &Path, log: PathBuf) -> Result<Self> {
+    async fn start(client: &Client, kubeconfig: &Path, log: PathBuf, extra: &[&str]) -> Result<Self> {
         let dep = Api::<Deployment>::namespaced(client.clone(), NS).get(FULLNAME).await?;
         let container = dep.spec.and_then(|s| s.template.spec).and_then(|s| s.containers.into_iter().next());
         let container = container.context("the chart's Deployment has no container")?;
@@ -125,7 +125,7 @@ impl Operator {
             .map(|a| if a.starts_with("--metrics-addr") { format!("--metrics-addr=127.0.0.1:{port}") } else { a })
             .collect();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fljob-operator"));
-        cmd.args(&args).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        cmd.args(&args).args(extra).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
         for var in container.env.unwrap_or_default() {
             match (var.value, var.value_from.and_then(|f| f.field_ref).map(|f| f.field_path)) {
                 (Some(value), _) => cmd.env(&var.name, value),
@@ -285,7 +285,8 @@ async fn upgrade_from_the_previous_chart() -> Result<()> {
     ensure!(!crd_has(&client, "flsites.fljob.dev", "spec.podPolicy").await?, "the previous chart's CRD already has podPolicy");
     let sa_kubeconfig = work.join("sa.kubeconfig");
     cluster.cluster_sh(&["sa-kubeconfig", NS, FULLNAME, sa_kubeconfig.to_str().context("path")?])?;
-    let mut op = Operator::start(&client, &sa_kubeconfig, work.join("operator-old-chart.log")).await?;
+    // This build stands in for the previous release's operator: it must be told to run on the previous CRDs.
+    let mut op = Operator::start(&client, &sa_kubeconfig, work.join("operator-old-chart.log"), &["--allow-old-crds"]).await?;
 
     let jobs = api(&client, "FLJob");
     // A worker that ignores the abort annotation and whose pod, once deleted, only a force delete removes: after the
@@ -330,6 +331,19 @@ async fn upgrade_from_the_previous_chart() -> Result<()> {
     let err = cluster.tool("helm", &["upgrade", RELEASE, CHART, "-n", NS, "-f", values, "-f", new_values], None);
     let err = err.err().context("helm upgrade set spec.podPolicy on the old schema")?;
     ensure!(err.contains("podPolicy") && err.contains("not declared in schema"), "helm upgrade failed otherwise:\n{err}");
+    // And the new operator refuses to run on the old CRDs, saying what to do (it would otherwise lose fields).
+    // (It retries for 30 s, as the published schema lags a CRD change by seconds, then exits non-zero; its first
+    // refusal is enough here, and keeps the in-flight abort's timing below intact.)
+    let mut refused_op = Operator::start(&client, &sa_kubeconfig, work.join("operator-on-old-crds.log"), &[]).await?;
+    let waited = Instant::now();
+    while !refused_op.log().contains("older than this operator") && waited.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = refused_op.log();
+    ensure!(log.contains("older than this operator") && log.contains("--force-conflicts"), "the operator on the old CRDs:\n{log}");
+    ensure!(!log.contains("caches synced"), "the operator reconciled on the old CRDs:\n{log}");
+    eprintln!("[upgrade] the new operator refuses the old CRDs: {}", log.lines().find(|l| l.contains("older than")).unwrap_or_default());
+    refused_op.stop();
 
     // --- the documented path: the chart's CRDs first, then helm upgrade ------------------------------------------
     let crds = cluster.ok("helm", &["show", "crds", CHART], None)?;
@@ -354,7 +368,7 @@ async fn upgrade_from_the_previous_chart() -> Result<()> {
     // Start it well after the pod was deleted, so a force-delete timer restarted from the operator's start (instead
     // of running from the recorded podDeletedAt) would be seen.
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(deleted_at.elapsed())).await;
-    let mut op = Operator::start(&client, &sa_kubeconfig, work.join("operator-new-chart.log")).await?;
+    let mut op = Operator::start(&client, &sa_kubeconfig, work.join("operator-new-chart.log"), &[]).await?;
     // A field only the new schema has, kept and used.
     let fresh = job_json(
         "fresh",

@@ -538,6 +538,9 @@ spec:
                          # 4 workers at 500m on 2 shared cores stop gracefully in 9-11 s (measured), NVFlare's
                          # 10 s max_wait is too tight here
                          "abort_grace_period_seconds": ABORT_GRACE,
+                         # ... and so is JobExecutor's own wait before terminate(): give the worker the same grace
+                         # then, or a worker at 10.5 s would be deleted (Deleted) instead of ending Graceful
+                         "terminate_grace_period_seconds": ABORT_GRACE,
                          "pod_template": {"spec": placement}},
             }
         )

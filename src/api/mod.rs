@@ -2,6 +2,7 @@
 
 pub mod fljob;
 pub mod flsite;
+pub mod installed;
 
 pub use fljob::*;
 pub use flsite::*;
