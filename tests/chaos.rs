@@ -4,8 +4,8 @@
 //! demands, with the abort method it demands, no job may have had two pods, no quota may be held and no pod may
 //! outlive its FLJob.
 //!
-//! It runs on a control plane of its own (`hack/cluster.sh up` with its own `FLJOB_CLUSTER_DIR`, kwok nodes only),
-//! since it stops that cluster's API server and etcd. Everything it does is decided by one seed, printed first;
+//! It runs on a control plane of its own (`common::own`: `hack/cluster.sh up` with its own `FLJOB_CLUSTER_DIR`, kwok
+//! nodes only), since it stops that cluster's API server and etcd. Everything it does is decided by one seed, printed first;
 //! `FLJOB_CHAOS_SEED=<seed>` replays a run. `make test` runs the short run (40 jobs, 3 kills, one API server stop);
 //! `make chaos` the full one (`FLJOB_CHAOS=full`: 200 jobs, 10+ kills, an API server stop and an etcd restart).
 
@@ -21,7 +21,6 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,61 +41,6 @@ impl Rng {
     }
     fn ms(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(self.range(lo, hi))
-    }
-}
-
-/// A control plane of the chaos test's own, taken down when dropped.
-struct Cluster {
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Cluster {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hack/cluster.sh")
-    }
-
-    fn run(&self, args: &[&str]) {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .args(args)
-            .env("FLJOB_CLUSTER_DIR", &self.dir)
-            .env("FLJOB_NODES", "2")
-            .env("FLJOB_REAL_NODES", "0")
-            .output()
-            .expect("run hack/cluster.sh");
-        assert!(out.status.success(), "hack/cluster.sh {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn up() -> Cluster {
-        let dir = PathBuf::from(format!("/tmp/fljob-chaos-{}", std::process::id()));
-        let c = Cluster { kubeconfig: dir.join("admin.kubeconfig"), dir };
-        let t0 = Instant::now();
-        c.run(&["up"]);
-        eprintln!("[chaos] own control plane up in {:.0?} at {}", t0.elapsed(), c.dir.display());
-        c
-    }
-
-    fn kubectl(&self) -> Command {
-        let mut cmd = Command::new(common::tool("kubectl"));
-        cmd.arg("--kubeconfig").arg(&self.kubeconfig).arg("--cache-dir").arg(self.dir.join("kubectl-cache"));
-        cmd
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::env::var("FLJOB_CHAOS_KEEP").as_deref() == Ok("1") {
-            eprintln!("[chaos] kept the cluster at {} (FLJOB_CHAOS_KEEP=1)", self.dir.display());
-            return;
-        }
-        if std::thread::panicking() {
-            // Keep what the control plane logged (kwok's view of every pod) for the post-mortem.
-            let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-logs-{}", std::process::id()));
-            let _ = Command::new("cp").arg("-r").arg(self.dir.join("logs")).arg(&keep).status();
-            eprintln!("[chaos] control plane logs kept in {}", keep.display());
-        }
-        let _ = Command::new("bash").arg(Self::script()).arg("down").env("FLJOB_CLUSTER_DIR", &self.dir).status();
     }
 }
 
@@ -306,13 +250,12 @@ async fn jobs_survive_operator_kills_and_control_plane_restarts() {
         if full { "full" } else { "short" }, if etcd_restart { ", etcd restart" } else { "" });
     let mut rng = Rng(seed);
 
-    let cluster = Cluster::up();
+    let cluster = common::own::OwnCluster::up("chaos", 2);
     let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds");
-    let out = cluster.kubectl().args(["apply", "--server-side", "-f"]).arg(&crds).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cluster.kubectl().args(["wait", "--for=condition=Established", "--timeout=60s", "crd/fljobs.fljob.dev", "crd/flsites.fljob.dev"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let client = common::client_from(&cluster.kubeconfig).await;
+    cluster.tool("kubectl", &["apply", "--server-side", "-f", crds.to_str().unwrap()], None).unwrap();
+    let established = ["wait", "--for=condition=Established", "--timeout=60s", "crd/fljobs.fljob.dev", "crd/flsites.fljob.dev"];
+    cluster.tool("kubectl", &established, None).unwrap();
+    let client = common::client_from(&cluster.kubeconfig()).await;
     let ns_name = format!("chaos-{seed}");
     let ns = ns_name.as_str();
     let nss: Api<Namespace> = Api::all(client.clone());
@@ -329,7 +272,7 @@ async fn jobs_survive_operator_kills_and_control_plane_restarts() {
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     watch_all(&client, ns, seen.clone());
-    let mut ops = Replicas { ns: ns.into(), kubeconfig: cluster.kubeconfig.clone(), slots: [None, None], restarts: 0 };
+    let mut ops = Replicas { ns: ns.into(), kubeconfig: cluster.kubeconfig(), slots: [None, None], restarts: 0 };
     ops.start(0);
 
     // The plan: jobs created over the first part of the run, disruptions at seeded moments among them.
@@ -384,10 +327,10 @@ async fn jobs_survive_operator_kills_and_control_plane_restarts() {
                 ops.slots.iter().filter(|s| s.is_some()).count());
         }
         if !api_done && api_stop_at <= now {
-            cluster.run(&["stop", "kube-apiserver"]);
+            cluster.cluster_sh(&["stop", "kube-apiserver"]).unwrap();
             eprintln!("[chaos] {:.1?}: kube-apiserver stopped for {api_down_for:.1?}", t0.elapsed());
             tokio::time::sleep(api_down_for).await;
-            cluster.run(&["start", "kube-apiserver"]);
+            cluster.cluster_sh(&["start", "kube-apiserver"]).unwrap();
             eprintln!("[chaos] {:.1?}: kube-apiserver back", t0.elapsed());
             api_done = true;
         }
@@ -395,9 +338,9 @@ async fn jobs_survive_operator_kills_and_control_plane_restarts() {
             && !etcd_done
             && at <= now
         {
-            cluster.run(&["stop", "etcd"]);
+            cluster.cluster_sh(&["stop", "etcd"]).unwrap();
             tokio::time::sleep(rng.ms(2000, 6000)).await;
-            cluster.run(&["start", "etcd"]);
+            cluster.cluster_sh(&["start", "etcd"]).unwrap();
             eprintln!("[chaos] {:.1?}: etcd restarted", t0.elapsed());
             etcd_done = true;
         }

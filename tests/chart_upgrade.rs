@@ -39,72 +39,18 @@ const NS: &str = "fl-site-a";
 /// The in-flight job's pod: its own SIGTERM-to-SIGKILL time; the operator force-deletes it 2 s after that.
 const POD_GRACE: u64 = 20;
 
-/// A control plane of this test's own, taken down when dropped.
-struct Cluster {
-    dir: PathBuf,
+/// The test's own control plane (`common::own`), with anyhow errors.
+trait Own {
+    fn ok(&self, name: &str, args: &[&str], stdin: Option<&str>) -> Result<String>;
+    fn sh(&self, args: &[&str]) -> Result<()>;
 }
 
-impl Cluster {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hack/cluster.sh")
-    }
-
-    fn cluster_sh(&self, args: &[&str]) -> Result<()> {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .args(args)
-            .env("FLJOB_CLUSTER_DIR", &self.dir)
-            .env("FLJOB_NODES", "1")
-            .env("FLJOB_REAL_NODES", "0")
-            .env("FLJOB_TOOLS_BIN", common::tool("kubectl").parent().context("tools dir")?)
-            .output()
-            .context("running hack/cluster.sh")?;
-        ensure!(out.status.success(), "hack/cluster.sh {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    }
-
-    fn up() -> Result<Cluster> {
-        let c = Cluster { dir: PathBuf::from(format!("/tmp/fljob-upgrade-{}", std::process::id())) };
-        let t0 = Instant::now();
-        c.cluster_sh(&["up"])?;
-        eprintln!("[upgrade] own control plane up in {:.0?} at {}", t0.elapsed(), c.dir.display());
-        Ok(c)
-    }
-
-    fn kubeconfig(&self) -> PathBuf {
-        self.dir.join("admin.kubeconfig")
-    }
-
-    /// Runs helm or kubectl against this cluster (kubectl with a discovery cache of its own); `Err` holds the output.
-    fn tool(&self, name: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-        let mut cmd = Command::new(common::tool(name));
-        if name == "kubectl" {
-            cmd.arg("--cache-dir").arg(self.dir.join("kubectl-cache"));
-        }
-        cmd.args(args).env("KUBECONFIG", self.kubeconfig()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-        let mut child = cmd.spawn().map_err(|e| format!("cannot run {name}: {e}"))?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            use std::io::Write as _;
-            pipe.write_all(input.as_bytes()).map_err(|e| format!("writing to {name}: {e}"))?;
-        }
-        let out = child.wait_with_output().map_err(|e| format!("waiting for {name}: {e}"))?;
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        if out.status.success() { Ok(text) } else { Err(format!("{name} {} failed:\n{text}", args.join(" "))) }
-    }
-
+impl Own for common::own::OwnCluster {
     fn ok(&self, name: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
         self.tool(name, args, stdin).map_err(anyhow::Error::msg)
     }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::env::var("FLJOB_UPGRADE_KEEP").as_deref() == Ok("1") {
-            eprintln!("[upgrade] kept the cluster at {} (FLJOB_UPGRADE_KEEP=1)", self.dir.display());
-            return;
-        }
-        let _ = Command::new("bash").arg(Self::script()).arg("down").env("FLJOB_CLUSTER_DIR", &self.dir).status();
+    fn sh(&self, args: &[&str]) -> Result<()> {
+        self.cluster_sh(args).map_err(anyhow::Error::msg)
     }
 }
 
@@ -267,7 +213,7 @@ async fn upgrade_from_the_previous_chart() -> Result<()> {
     std::fs::write(&new_values, "site:\n  spec:\n    podPolicy: {allowHostPath: true}\n")?;
     let new_values = new_values.to_str().context("path")?;
 
-    let cluster = Cluster::up()?;
+    let cluster = common::own::OwnCluster::up("upgrade", 1);
     let client = common::client_from(&cluster.kubeconfig()).await;
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}}))?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
@@ -284,7 +230,7 @@ async fn upgrade_from_the_previous_chart() -> Result<()> {
     ensure!(crds_match(&client, Path::new(old_chart)).await?, "helm install did not install the previous chart's CRDs");
     ensure!(!crd_has(&client, "flsites.fljob.dev", "spec.podPolicy").await?, "the previous chart's CRD already has podPolicy");
     let sa_kubeconfig = work.join("sa.kubeconfig");
-    cluster.cluster_sh(&["sa-kubeconfig", NS, FULLNAME, sa_kubeconfig.to_str().context("path")?])?;
+    cluster.sh(&["sa-kubeconfig", NS, FULLNAME, sa_kubeconfig.to_str().context("path")?])?;
     // This build stands in for the previous release's operator: it must be told to run on the previous CRDs.
     let mut op = Operator::start(&client, &sa_kubeconfig, work.join("operator-old-chart.log"), &["--allow-old-crds"]).await?;
 

@@ -5,6 +5,8 @@
 //! driven by `sim.fljob.dev/...` annotations (see hack/README-testing.md).
 #![allow(dead_code)]
 
+pub mod own;
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::PathBuf;
