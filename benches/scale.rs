@@ -1037,6 +1037,9 @@ async fn run(ctx: &Ctx) -> Result<bool> {
     if let Some(q) = &q {
         breakdown("queued", &q.w, a.n, None);
     }
+    if let Some(w) = adm.as_ref().and_then(|x| x.bump.as_ref()) {
+        breakdown("capacity 1 -> 2 at the site with the queue (per queued job)", w, a.n.saturating_sub(1).max(1), None);
+    }
     for e in &errors {
         println!("\nphase failed: {e}");
     }

@@ -401,6 +401,8 @@ pub fn free_port() -> Result<u16> {
 /// The operator, as a child process watching one namespace.
 pub struct Operator {
     child: Child,
+    /// `perf record` attached to it (FLJOB_BENCH_PERF=<dir>).
+    perf: Option<Child>,
     /// Its process id (for /proc).
     pub pid: u32,
     /// Its /metrics port on 127.0.0.1.
@@ -431,7 +433,24 @@ impl Operator {
         }
         let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id();
-        let mut op = Operator { child, pid, port, log };
+        // With FLJOB_BENCH_PERF=<dir>, a CPU profile of the whole phase: <dir>/<ns>.perf.data (`perf report -i`).
+        let perf = match std::env::var_os("FLJOB_BENCH_PERF") {
+            Some(pdir) => {
+                std::fs::create_dir_all(&pdir)?;
+                let data = PathBuf::from(pdir).join(format!("{ns}.perf.data"));
+                let p = Command::new("perf")
+                    .args(["record", "-F", "199", "--call-graph", "dwarf,8192", "-p", &pid.to_string(), "-o"])
+                    .arg(&data)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting perf record")?;
+                Some(p)
+            }
+            None => None,
+        };
+        let mut op = Operator { child, perf, pid, port, log };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = op.child.try_wait() {
@@ -464,8 +483,12 @@ impl Operator {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// SIGKILLs it.
+    /// SIGKILLs it (after letting perf write its profile).
     pub fn stop(&mut self) {
+        if let Some(mut p) = self.perf.take() {
+            let _ = Command::new("kill").args(["-INT", &p.id().to_string()]).status();
+            let _ = p.wait();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
