@@ -384,6 +384,25 @@ site:
     let ready_cond = op_pod.status.as_ref().unwrap().conditions.as_ref().unwrap().iter().any(|c| c.type_ == "Ready" && c.status == "True");
     assert!(ready_cond, "Ready through its /readyz probe: {:?}", op_pod.status);
     println!("real chart: operator pod {op_name} Ready on {node} {ready:.1}s after helm install");
+    // The image as the kubelet runs it (issue 13): its process, found by its container's cgroup on this host, is not
+    // root, holds no capability and sees its root filesystem read-only.
+    let cid = op_pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first()?.container_id.clone()).expect("containerID");
+    let cid = cid.rsplit("://").next().unwrap().to_string();
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&cid)) && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("fljob-operator")))
+        .expect("the operator container's process on the host");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| status.lines().find(|l| l.starts_with(k)).map(|l| l[k.len()..].split_whitespace().collect::<Vec<_>>()).unwrap_or_default();
+    assert!(field("Uid:").iter().all(|u| *u != "0"), "runs as root: {:?}", field("Uid:"));
+    for caps in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(caps), ["0000000000000000"], "{caps} of the operator process");
+    }
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = mounts.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).expect("a root mount");
+    assert!(root.split_whitespace().nth(5).is_some_and(|o| o.split(',').any(|x| x == "ro")), "root filesystem not read-only: {root}");
+    println!("real chart: operator process {pid}: uid {:?}, no capabilities, read-only root", field("Uid:"));
 
     let mut j = real_job("in-cluster", &["exit_code=0", "run_seconds=2"]);
     j.spec.site = "site-a".into();
