@@ -95,6 +95,9 @@ pub fn next_step(abort: &AbortStatus, grace_seconds: i64, pod: AbortPod<'_>, now
         // operator had already decided on reached the API server): its own code tells how it ended.
         let by_itself = match &abort.pod_deleted_at {
             None => true,
+            // The delete was decided but never took effect (the API server failed it; it is retried): the worker
+            // stopped on its own.
+            Some(_) if pod.metadata.deletion_timestamp.is_none() => true,
             // The operator's own record of when it decided to delete: the kubelet's final delete rewrites the pod's
             // deletionTimestamp, so only this time tells which came first.
             Some(deleted) => crate::status::finished_before(&state, millis(deleted)),

@@ -575,3 +575,15 @@ fn a_worker_that_stopped_just_before_the_decided_delete_reached_it_is_graceful()
     let d = decide_with(&job, &site(), PodView::Present(&pod), 16_500);
     assert_eq!((d.status.exit_code, d.status.abort.as_ref().and_then(|a| a.method)), (Some(9), Some(AbortMethod::Deleted)));
 }
+
+#[test]
+fn a_worker_that_stopped_while_the_decided_delete_kept_failing_is_graceful() {
+    let mut job = started_job();
+    aborting(&mut job, 6000);
+    // The delete was decided at 16 s but the API server failed it; the worker ended by itself at 40 s.
+    job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(16_000));
+    let mut pod = mk_pod("Succeeded", exited(0, "Completed", true));
+    pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(40_000));
+    let d = decide_with(&job, &site(), PodView::Present(&pod), 41_000);
+    assert_eq!((d.status.exit_code, d.status.abort.as_ref().and_then(|a| a.method)), (Some(0), Some(AbortMethod::Graceful)));
+}
