@@ -103,7 +103,13 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
             let uid = job.uid().unwrap_or_default();
             let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
             let allocation = allocations.iter().find(|a| a.uid == uid).map(allocation_resources);
-            let queue_note = if allocation.is_none() { queue_note(ctx, &ns, site, job) } else { Default::default() };
+            // The note walks every job of the site: only a job that may still queue needs it (not one that holds
+            // quota, has finished, or is being aborted or deleted), else the cost per reconcile grows with the site.
+            let may_queue = allocation.is_none()
+                && !job.status.as_ref().is_some_and(|s| s.phase.is_finished() || s.abort.is_some())
+                && !job.spec.abort
+                && job.metadata.deletion_timestamp.is_none();
+            let queue_note = if may_queue { queue_note(ctx, &ns, site, job) } else { Default::default() };
             SiteView::Found { site, allocation, queue_note }
         }
     };

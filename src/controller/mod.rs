@@ -150,7 +150,9 @@ mod backoff_tests {
 
 /// How the ledger sees a job.
 pub fn job_view(job: &FLJob, site: &FLSite) -> JobView {
-    let st = job.status.clone().unwrap_or_default();
+    static EMPTY: std::sync::LazyLock<crate::api::FLJobStatus> = std::sync::LazyLock::new(Default::default);
+    // Borrowed, not cloned: this runs for every job of a site, for every queued job's reconcile.
+    let st = job.status.as_ref().unwrap_or(&EMPTY);
     let finished = st.phase.is_finished();
     let wants = !finished
         && job.metadata.deletion_timestamp.is_none()
