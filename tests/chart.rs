@@ -193,22 +193,8 @@ impl Operator {
     /// would give a pod named `identity`.
     async fn start(client: &Client, kubeconfig: &Path, ns: &str, identity: &str, dir: &Path) -> Result<Self> {
         let dep = Api::<Deployment>::namespaced(client.clone(), ns).get(FULLNAME).await?;
-        let container = dep.spec.and_then(|s| s.template.spec).and_then(|s| s.containers.into_iter().next());
-        let container = container.context("the chart's Deployment has no container")?;
         let metrics = format!("127.0.0.1:{}", free_port()?);
-        let mut args = container.args.unwrap_or_default();
-        let at = args.iter().position(|a| a.starts_with("--metrics-addr")).context("the chart sets no --metrics-addr")?;
-        args[at] = format!("--metrics-addr={metrics}");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fljob-operator"));
-        cmd.args(&args).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
-        for var in container.env.unwrap_or_default() {
-            match (var.value, var.value_from.and_then(|f| f.field_ref).map(|f| f.field_path)) {
-                (Some(value), _) => cmd.env(&var.name, value),
-                (None, Some(path)) if path == "metadata.name" => cmd.env(&var.name, identity),
-                (None, Some(path)) if path == "metadata.namespace" => cmd.env(&var.name, ns),
-                (value, from) => bail!("the chart's env {} is neither a value nor a known fieldRef: {value:?} {from:?}", var.name),
-            };
-        }
+        let (mut cmd, args) = common::chart_operator_command(dep, ns, identity, &metrics)?;
         let log = dir.join(format!("{identity}.log"));
         let out = std::fs::File::create(&log)?;
         let child = cmd

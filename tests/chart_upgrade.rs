@@ -14,7 +14,7 @@
 
 mod common;
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -64,22 +64,10 @@ struct Operator {
 impl Operator {
     async fn start(client: &Client, kubeconfig: &Path, log: PathBuf, extra: &[&str]) -> Result<Self> {
         let dep = Api::<Deployment>::namespaced(client.clone(), NS).get(FULLNAME).await?;
-        let container = dep.spec.and_then(|s| s.template.spec).and_then(|s| s.containers.into_iter().next());
-        let container = container.context("the chart's Deployment has no container")?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let args: Vec<String> = (container.args.unwrap_or_default().into_iter())
-            .map(|a| if a.starts_with("--metrics-addr") { format!("--metrics-addr=127.0.0.1:{port}") } else { a })
-            .collect();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fljob-operator"));
-        cmd.args(&args).args(extra).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
-        for var in container.env.unwrap_or_default() {
-            match (var.value, var.value_from.and_then(|f| f.field_ref).map(|f| f.field_path)) {
-                (Some(value), _) => cmd.env(&var.name, value),
-                (None, Some(path)) if path == "metadata.name" => cmd.env(&var.name, "fljob-operator-0"),
-                (None, Some(path)) if path == "metadata.namespace" => cmd.env(&var.name, NS),
-                (value, from) => bail!("the chart's env {} is neither a value nor a known fieldRef: {value:?} {from:?}", var.name),
-            };
-        }
+        let (mut cmd, mut args) = common::chart_operator_command(dep, NS, "fljob-operator-0", &format!("127.0.0.1:{port}"))?;
+        cmd.args(extra);
+        args.extend(extra.iter().map(|a| a.to_string()));
         let out = std::fs::File::create(&log)?;
         let child = cmd
             .env("KUBECONFIG", kubeconfig)

@@ -247,3 +247,31 @@ pub fn sim_pod(name: &str, annotations: &[(&str, &str)]) -> Pod {
 pub fn phase(pod: &Pod) -> &str {
     pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
 }
+
+/// The operator binary built from this tree, with the command line and environment of the chart's Deployment `dep`
+/// (so the chart's flags are proven to be the binary's): the metrics address moves to `metrics_addr`, and POD_NAME /
+/// POD_NAMESPACE are what the downward API would give a pod named `pod_name` in `ns`. Returns the command and its
+/// arguments (for logging); the caller adds the kubeconfig and where the output goes.
+pub fn chart_operator_command(
+    dep: k8s_openapi::api::apps::v1::Deployment,
+    ns: &str,
+    pod_name: &str,
+    metrics_addr: &str,
+) -> anyhow::Result<(Command, Vec<String>)> {
+    let container = dep.spec.and_then(|s| s.template.spec).and_then(|s| s.containers.into_iter().next());
+    let container = container.context("the chart's Deployment has no container")?;
+    let mut args = container.args.unwrap_or_default();
+    let at = args.iter().position(|a| a.starts_with("--metrics-addr")).context("the chart sets no --metrics-addr")?;
+    args[at] = format!("--metrics-addr={metrics_addr}");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fljob-operator"));
+    cmd.args(&args).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for var in container.env.unwrap_or_default() {
+        match (var.value, var.value_from.and_then(|f| f.field_ref).map(|f| f.field_path)) {
+            (Some(value), _) => cmd.env(&var.name, value),
+            (None, Some(path)) if path == "metadata.name" => cmd.env(&var.name, pod_name),
+            (None, Some(path)) if path == "metadata.namespace" => cmd.env(&var.name, ns),
+            (value, from) => anyhow::bail!("the chart's env {} is neither a value nor a known fieldRef: {value:?} {from:?}", var.name),
+        };
+    }
+    Ok((cmd, args))
+}
