@@ -322,6 +322,16 @@ impl Env {
 /// Every pod UID ever seen in `ns` from now on, recorded by a watch (so a pod created and removed between two
 /// looks still counts): "at most one pod per job" is checked on this.
 pub fn watch_pod_uids(client: &Client, ns: &str) -> std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>> {
+    watch_pods(client, ns, |p| Some((p.metadata.uid.clone()?, p.metadata.name.clone()?)))
+}
+
+/// What `pick` takes from every pod seen in `ns` from now on (by a watch, so a pod removed between two looks still
+/// counts); a later sighting of the same key overwrites an earlier one.
+pub fn watch_pods<K: Ord + Send + 'static, V: Send + 'static>(
+    client: &Client,
+    ns: &str,
+    pick: impl Fn(&k8s_openapi::api::core::v1::Pod) -> Option<(K, V)> + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<BTreeMap<K, V>>> {
     use futures::StreamExt;
     use kube::runtime::watcher;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
@@ -331,9 +341,9 @@ pub fn watch_pod_uids(client: &Client, ns: &str) -> std::sync::Arc<std::sync::Mu
         let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(watcher(pods, watcher::Config::default())));
         while let Some(ev) = stream.next().await {
             if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p) | watcher::Event::Delete(p)) = ev
-                && let (Some(uid), Some(name)) = (p.metadata.uid.clone(), p.metadata.name.clone())
+                && let Some((k, v)) = pick(&p)
             {
-                out.lock().unwrap().insert(uid, name);
+                out.lock().unwrap().insert(k, v);
             }
         }
     });
