@@ -1,5 +1,7 @@
-//! Pure: which Kubernetes Events a status change deserves. One Event per transition and per failure, with a reason
-//! and a message a person can act on; nothing when nothing changed, so a steady cluster sees no Event writes.
+//! Pure: which Kubernetes Events a status change deserves, with a reason and a message a person can act on. A job
+//! that runs as it should gets two, as a batch Job does (`Admitted`, naming what it holds, and `Succeeded`); what a
+//! person must look at adds one each (a job really queued for quota, a failed start, an abort, a failure). The rest
+//! is in the status. Nothing when nothing changed, so a steady cluster sees no Event writes.
 
 use crate::api::{FLJobStatus, Phase, find_condition};
 use crate::lifecycle::cond;
@@ -39,12 +41,12 @@ pub fn transitions(old: &FLJobStatus, new: &FLJobStatus) -> Vec<Note> {
         match (ok, reason.as_str()) {
             (true, _) => out.push(note(false, "Admitted", msg)),
             (false, "Queued") => out.push(note(false, "Queued", msg)),
-            (false, "Released") => out.push(note(false, "QuotaReleased", msg)),
             _ => {}
         }
     }
-    if let Some((ok, reason, msg)) = cond_changed(old, new, cond::STARTED) {
-        out.push(note(!ok, &reason, msg));
+    // The worker's start is in the status (phase Running, Started); only a start that went wrong is an Event.
+    if let Some((false, reason, msg)) = cond_changed(old, new, cond::STARTED) {
+        out.push(note(true, &reason, msg));
     }
     if let Some((true, reason, msg)) = cond_changed(old, new, cond::ABORT_REQUESTED) {
         out.push(note(false, "AbortRequested", format!("{msg} ({reason})")));

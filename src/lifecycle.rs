@@ -53,8 +53,8 @@ pub enum SiteView<'a> {
 /// Why a job that does not hold quota waits.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueNote {
-    /// Something is short or earlier jobs are ahead: the job is really queued (and the user is told with an Event).
-    /// False when it is next in line and fits: the site admits it in its next round.
+    /// Something on its way does not fit (it, or an earlier job ahead of it): the job is really queued (and the user
+    /// is told with an Event). False when it and every job ahead of it fit: the site admits them in its next rounds.
     pub behind: bool,
     /// The condition message.
     pub message: String,
@@ -187,6 +187,12 @@ impl Ctx<'_> {
         self.st.completion_time = Some(self.now.clone());
         let reason = outcome.reason.unwrap_or("Succeeded");
         self.cond(cond::FINISHED, true, reason, outcome.message);
+        // Said in the same write as the outcome, so a finished job costs no status write of its own for it: the
+        // site's controller takes the quota back from the ledger (the one record of what is held) on seeing the end.
+        if is_true(&self.st.conditions, cond::ADMITTED) {
+            let site = &self.job.spec.site;
+            self.cond(cond::ADMITTED, false, "Released", format!("the job finished; its quota goes back to site {site}'s pool"));
+        }
     }
 
     fn done(mut self) -> Decision {
@@ -498,13 +504,9 @@ fn complete_abort(cx: &mut Ctx<'_>, a: &mut AbortStatus, method: crate::api::Abo
     cx.finish(Outcome { phase: Phase::Aborted, reason: Some(reason), exit_code, message: msg });
 }
 
-/// Finished jobs: never a new pod; tidy a pod that still lingers, clear a released allocation, honour the TTL and
+/// Finished jobs: never a new pod; tidy a pod that still lingers, honour the TTL and
 /// let a deleted FLJob go once its quota is back in the pool.
 fn finished(cx: &mut Ctx<'_>, input: &Input<'_>, holding: bool) {
-    if !holding && cx.st.allocation.is_some() {
-        cx.st.allocation = None;
-        cx.cond(cond::ADMITTED, false, "Released", "the job finished; its quota went back to the site's pool");
-    }
     if let PodView::Present(p) = input.pod {
         let live = !matches!(pod_state(p), PodState::Exited { .. } | PodState::Evicted { .. } | PodState::Lost { .. });
         let forced = cx.st.abort.as_ref().is_some_and(|a| a.method == Some(crate::api::AbortMethod::Forced));
@@ -712,13 +714,16 @@ fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
 }
 
 /// Why a queued job waits: which resources are short (with what it needs and the site's capacity, not the
-/// ever-changing usage) and whether earlier jobs are ahead. Stable while the situation is, so a long queue does not
-/// rewrite every queued job's status at each admission.
-pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> QueueNote {
+/// ever-changing usage) and whether it is really held back. Stable while the situation is, so a long queue does not
+/// rewrite every queued job's status at each admission. `ahead` are the demands of the jobs before it in the queue:
+/// if they and this job all fit, the site admits it in its next round (`behind` false, no Event: a burst of jobs on a
+/// roomy site is not "queued"); if something on the way does not fit, it is really queued.
+pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> QueueNote {
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
     let cap = &site.spec.capacity;
+    let used = quota::total(allocations);
     let short: Vec<String> = quota::demand(want)
-        .map(|w| quota::shortfall(cap, quota::total(allocations), w))
+        .map(|w| quota::shortfall(cap, used, w))
         .unwrap_or_default()
         .iter()
         .filter_map(|phrase| phrase.split(':').next())
@@ -733,12 +738,29 @@ pub fn queue_note(site: &FLSite, ahead: usize, want: &Resources) -> QueueNote {
             }
         })
         .collect();
-    let mut msg = format!("waiting for quota at site {}", site.name_any());
-    if !short.is_empty() {
-        msg.push_str(&format!(": short of {}", short.join(", ")));
-    }
-    msg.push_str(if ahead > 0 { "; earlier jobs are ahead in the queue" } else { "; next in line" });
-    QueueNote { behind: ahead > 0 || !short.is_empty(), message: msg }
+    // The site's next round, simulated: earlier jobs first, in order, while they fit.
+    let mut next_round = used;
+    let blocked = !short.is_empty()
+        || ahead.iter().chain(std::iter::once(want)).any(|r| match quota::demand(r) {
+            Ok(d) if quota::shortfall(cap, next_round, d).is_empty() => {
+                next_round = next_round + d;
+                false
+            }
+            _ => true,
+        });
+    let msg = if blocked {
+        let mut msg = format!("waiting for quota at site {}", site.name_any());
+        if !short.is_empty() {
+            msg.push_str(&format!(": short of {}", short.join(", ")));
+        }
+        msg.push_str(if ahead.is_empty() { "; next in line" } else { "; earlier jobs are ahead in the queue" });
+        msg
+    } else if ahead.is_empty() {
+        format!("fits at site {}; next in line for its next admission round", site.name_any())
+    } else {
+        format!("fits at site {}, as do the earlier jobs ahead of it; admitted in its next admission rounds", site.name_any())
+    };
+    QueueNote { behind: blocked, message: msg }
 }
 
 #[cfg(test)]

@@ -376,7 +376,7 @@ fn deletion_runs_the_abort_then_waits_for_release_then_lets_go() {
     let released = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote::default() };
     let d = decide(Input { job: &job, site: released, secrets: SecretsView::NotChecked, pod: PodView::NotFound, now: t(8000) });
     assert_eq!(d.steps, vec![Step::RemoveFinalizer]);
-    assert!(d.status.allocation.is_none());
+    assert_eq!(d.status, job.status.clone().unwrap(), "the release costs the job no status write");
 }
 
 #[test]
@@ -524,16 +524,35 @@ fn queue_note_names_what_is_short_and_stays_stable_as_usage_moves() {
     let alloc = |job: &str, gpus| crate::api::Allocation { job: job.into(), uid: job.into(), gpus, ..Default::default() };
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("a", 3)], ..Default::default() });
     let want = Resources { gpus: Some(2), ..Default::default() };
-    let one_used = queue_note(&s, 0, &want);
+    let one_used = queue_note(&s, &[], &want);
     assert_eq!(one_used.message, "waiting for quota at site site-a: short of gpus (needs 2, capacity 4); next in line");
     assert!(one_used.behind);
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("b", 4)], ..Default::default() });
-    assert_eq!(queue_note(&s, 0, &want), one_used, "the same words while the same thing is short");
+    assert_eq!(queue_note(&s, &[], &want), one_used, "the same words while the same thing is short");
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("a", 1), alloc("b", 1)], ..Default::default() });
-    assert_eq!(queue_note(&s, 3, &want).message, "waiting for quota at site site-a: short of jobs (capacity 2); earlier jobs are ahead in the queue");
+    let three = vec![want.clone(); 3];
+    assert_eq!(queue_note(&s, &three, &want).message, "waiting for quota at site site-a: short of jobs (capacity 2); earlier jobs are ahead in the queue");
     s.status = Some(crate::api::FLSiteStatus::default());
-    let fits = queue_note(&s, 0, &want);
-    assert_eq!((fits.behind, fits.message.as_str()), (false, "waiting for quota at site site-a; next in line"));
+    let fits = queue_note(&s, &[], &want);
+    assert_eq!((fits.behind, fits.message.as_str()), (false, "fits at site site-a; next in line for its next admission round"));
+}
+
+#[test]
+fn a_job_behind_others_that_all_fit_is_not_queued_but_one_behind_a_blocked_job_is() {
+    // A burst on a roomy site: everything ahead fits, so the job is only waiting for the site's next round.
+    let mut s = mk_site("site-a", Capacity { jobs: Some(4), gpus: Some(4), ..Default::default() });
+    s.status = Some(crate::api::FLSiteStatus::default());
+    let one = Resources { gpus: Some(1), ..Default::default() };
+    let n = queue_note(&s, &[one.clone(), one.clone()], &one);
+    assert_eq!((n.behind, n.message.as_str()), (false, "fits at site site-a, as do the earlier jobs ahead of it; admitted in its next admission rounds"));
+    // The jobs ahead use up the pool: this one is really queued, though it alone would fit now.
+    let n = queue_note(&s, &[one.clone(), one.clone(), Resources { gpus: Some(2), ..Default::default() }], &one);
+    assert!(n.behind, "{n:?}");
+    assert_eq!(n.message, "waiting for quota at site site-a; earlier jobs are ahead in the queue");
+    // A big job ahead that does not fit now blocks the ones behind it.
+    s.status = Some(crate::api::FLSiteStatus { allocations: vec![crate::api::Allocation { job: "a".into(), uid: "a".into(), gpus: 2, ..Default::default() }], ..Default::default() });
+    let n = queue_note(&s, &[Resources { gpus: Some(3), ..Default::default() }], &one);
+    assert!(n.behind, "{n:?}");
 }
 
 #[test]
@@ -586,4 +605,69 @@ fn a_worker_that_stopped_while_the_decided_delete_kept_failing_is_graceful() {
     pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(40_000));
     let d = decide_with(&job, &site(), PodView::Present(&pod), 41_000);
     assert_eq!((d.status.exit_code, d.status.abort.as_ref().and_then(|a| a.method)), (Some(0), Some(AbortMethod::Graceful)));
+}
+
+/// A job that runs as it should, walked through every reconcile its life takes on a roomy site (one call per state
+/// the caches show), counting what a user and the API server see: status writes (only where the status changed)
+/// and Events. The figures the scale bench measures per job start here.
+#[test]
+fn a_successful_job_costs_four_status_writes_and_two_events() {
+    let s = site();
+    let mut job = mk_job("train", "site-a");
+    let mut writes = 0;
+    let mut events = Vec::new();
+    let mut step = |job: &mut FLJob, site: SiteView<'_>, secrets, pod: PodView<'_>, now| {
+        let d = decide(Input { job, site, secrets, pod, now: t(now) });
+        let old = job.status.clone().unwrap_or_default();
+        if job.status.is_none() || old != d.status {
+            writes += 1;
+            events.extend(crate::events::transitions(&old, &d.status).into_iter().map(|n| n.reason));
+        }
+        job.status = Some(d.status);
+        d.steps
+    };
+    let waiting = |site| SiteView::Found { site, allocation: None, queue_note: queue_note(site, &[], &Resources::default()) };
+    // Checked: it fits and is next in line.
+    step(&mut job, waiting(&s), SecretsView::Ok, PodView::NotFound, 1000);
+    // The site admitted it: the pod is created.
+    let steps = step(&mut job, holding(&s), SecretsView::NotChecked, PodView::NotFound, 1100);
+    assert_eq!(steps, vec![Step::CreatePod]);
+    // Its pod, as the controller names it.
+    let pod = |phase, state| {
+        let mut p = mk_pod(phase, state); // with its tracking finalizer
+        p.metadata.name = Some(crate::pod::pod_name(&job));
+        p
+    };
+    // Scheduled and creating: nothing to write.
+    let creating = pod("Pending", waiting_state());
+    let run = pod("Running", running());
+    let ended = pod("Succeeded", exited(0, "Completed", true));
+    step(&mut job, holding(&s), SecretsView::NotChecked, PodView::Present(&creating), 1200);
+    step(&mut job, holding(&s), SecretsView::NotChecked, PodView::Present(&run), 1300);
+    let steps = step(&mut job, holding(&s), SecretsView::NotChecked, PodView::Present(&ended), 2300);
+    assert!(steps.is_empty(), "the end is written first: {steps:?}");
+    let st = job.status.clone().unwrap();
+    assert_eq!((st.phase, st.exit_code), (Phase::Succeeded, Some(0)));
+    // Read back with the end recorded: the pod may go. The site takes the quota back; the job has nothing to say
+    // about that (it said Released with its outcome).
+    let steps = step(&mut job, holding(&s), SecretsView::NotChecked, PodView::Present(&ended), 2400);
+    assert_eq!(steps, vec![Step::ReleasePod]);
+    let released = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote::default() };
+    let steps = step(&mut job, released, SecretsView::NotChecked, PodView::Present(&released_pod(ended.clone())), 2500);
+    assert!(steps.is_empty(), "{steps:?}");
+    let st = job.status.clone().unwrap();
+    let admitted = find_condition(&st.conditions, cond::ADMITTED).unwrap();
+    assert_eq!((admitted.status.as_str(), admitted.reason.as_str()), ("False", "Released"));
+    assert!(st.allocation.is_some(), "what it was admitted with stays on record");
+    assert_eq!(writes, 4, "queued, admitted, running, succeeded");
+    assert_eq!(events, vec!["Admitted".to_string(), "Succeeded".to_string()]);
+}
+
+fn waiting_state() -> k8s_openapi::api::core::v1::ContainerState {
+    waiting("ContainerCreating")
+}
+
+fn released_pod(mut p: Pod) -> Pod {
+    p.metadata.finalizers = None;
+    p
 }

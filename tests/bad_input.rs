@@ -304,9 +304,17 @@ async fn answered(env: &Env, case: &Case, target: &Value, expect: &Expect) -> Ou
     if let Err(events) = event {
         failure.get_or_insert(format!("no Event {reason:?} naming {field:?}; Events: {events:?}"));
     }
-    // Whatever it was answered with, it holds no quota unless it is running.
+    // Whatever it was answered with, it holds no quota unless it is running: its site's ledger (the one record of
+    // what is held) lets go of it.
     if st(&job).phase.is_finished() || st(&job).phase == Phase::Pending {
-        let released = wait_unless_down(env, &env.jobs, &name, 30, |j| st(j).allocation.is_none()).await;
+        let sites: Api<FLSite> = env.ns.api();
+        let uid = job.uid().unwrap_or_default();
+        let site = job.spec.site.clone();
+        let free = move |s: &FLSite| !s.status.as_ref().is_some_and(|st| st.allocations.iter().any(|a| a.uid == uid));
+        let released = match sites.get_opt(&site).await {
+            Ok(Some(_)) => wait_unless_down(env, &sites, &site, 30, free).await.map(|_| ()),
+            _ => Ok(()), // no such site: nothing to hold
+        };
         if released.is_err() {
             failure.get_or_insert("its allocation was never released".into());
         }

@@ -216,7 +216,8 @@ async fn abort_while_pending_deletes_the_pod_at_once() {
 async fn abort_after_completion_changes_nothing() {
     let env = Env::new("abort-late", Capacity::default()).await;
     env.create(&job("j", &[])).await;
-    let before = wait_job(&env.jobs, "j", 60, |j| finished(j) && st(j).allocation.is_none()).await;
+    let before = wait_job(&env.jobs, "j", 60, finished).await;
+    wait_site(&env, 30, |s| s.allocations.is_empty()).await;
     abort(&env, "j").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = env.jobs.get("j").await.unwrap();
@@ -241,7 +242,7 @@ async fn abort_racing_a_completion_ends_exactly_once() {
         let wait = (started + 2000 - now - 100 * i).max(0) as u64;
         tokio::time::sleep(Duration::from_millis(wait)).await;
         abort(&env, &name).await;
-        let j = wait_job(&env.jobs, &name, 60, |j| finished(j) && st(j).allocation.is_none()).await;
+        let j = wait_job(&env.jobs, &name, 60, finished).await;
         let s = st(&j);
         assert!(matches!(s.phase, Phase::Succeeded | Phase::Aborted), "{s:#?}");
         assert!(s.exit_code.is_some());
@@ -296,15 +297,16 @@ async fn operator_killed_mid_abort_completes_it_after_restart() {
     env.op.kill();
     tokio::time::sleep(Duration::from_secs(6)).await; // the grace period runs out while nobody watches
     env.op.restart();
-    let j = wait_job(&env.jobs, "j", 60, |j| finished(j) && st(j).allocation.is_none()).await;
+    let j = wait_job(&env.jobs, "j", 60, finished).await;
     let s = st(&j);
     let a = s.abort.clone().unwrap();
     assert_eq!(a.requested_at, requested, "the timer came from status, not from memory");
     assert_eq!((s.phase, s.exit_code, a.method), (Phase::Aborted, Some(9), Some(AbortMethod::Deleted)));
     let site = wait_site(&env, 30, |s| s.allocations.is_empty()).await;
     assert_eq!(site.used.jobs, 0);
-    let released = env.wait_event("j", "QuotaReleased:").await;
-    assert_eq!(released.iter().filter(|e| e.starts_with("QuotaReleased:")).count(), 1, "released once: {released:#?}");
+    let admitted = find_condition(&s.conditions, "Admitted").expect("Admitted condition");
+    assert_eq!((admitted.status.as_str(), admitted.reason.as_str()), ("False", "Released"), "{s:#?}");
+    assert!(s.allocation.is_some(), "what it was admitted with stays on record: {s:#?}");
     env.done().await;
 }
 
@@ -469,7 +471,6 @@ async fn pod_refused_by_the_namespace_is_reported_and_retried_or_failed() {
     let s = st(&j);
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("ConfigError")), "{s:#?}");
     assert!(s.message.as_deref().unwrap_or("").contains("maximum cpu usage"), "{s:#?}");
-    wait_job(&env.jobs, "too-big", 30, |j| st(j).allocation.is_none()).await;
     let sites: Api<FLSite> = env.ns.api();
     let drained = |s: &FLSite| s.status.as_ref().is_some_and(|st| st.allocations.is_empty());
     common::wait_for(&sites, "site-a", Duration::from_secs(30), drained).await.expect("its quota is released");

@@ -177,7 +177,10 @@ async fn real_image_missing_secret_key_missing_and_mount_failing() {
     let j = wait_job(&env.jobs, "no-mount", 120, finished).await;
     let s = st(&j);
     assert_eq!((s.phase, s.reason.as_deref(), s.exit_code), (Phase::Failed, Some("StartTimeout"), Some(104)), "{s:#?}");
-    wait_job(&env.jobs, "no-mount", 30, |j| st(j).allocation.is_none()).await; // its quota is released
+    let sites: Api<FLSite> = env.ns.api();
+    let uid = j.uid().unwrap_or_default();
+    let free = move |s: &FLSite| !s.status.as_ref().is_some_and(|st| st.allocations.iter().any(|a| a.uid == uid));
+    common::wait_for(&sites, &j.spec.site, Duration::from_secs(30), free).await.expect("its quota is released");
     println!("real FailedMount -> {:?}: {}", s.reason, s.message.clone().unwrap_or_default());
     let j = wait_job(&env.jobs, "no-image", 120, finished).await;
     let s = st(&j);

@@ -284,7 +284,8 @@ pub struct FLJobStatus {
     /// When the job finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
-    /// What the job holds from the site's pool; absent once released.
+    /// What the site admitted the job with (its pod is built from this). Kept once the job finished, as the record
+    /// of what it held; whether the site still holds it is the FLSite's `status.allocations`, the one ledger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation: Option<Resources>,
     /// The App-scope abort, once requested.

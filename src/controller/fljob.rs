@@ -143,8 +143,8 @@ fn queue_note(ctx: &Context, ns: &str, site: &FLSite, job: &FLJob) -> lifecycle:
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
     let queue = crate::quota::queue(&site.spec.capacity, allocations, &views);
     let uid = job.uid().unwrap_or_default();
-    let ahead = queue.iter().position(|v| v.uid == uid).unwrap_or(queue.len());
-    lifecycle::queue_note(site, ahead, &pod::effective_resources(job, site))
+    let ahead: Vec<_> = queue.iter().take_while(|v| v.uid != uid).map(|v| v.resources.clone()).collect();
+    lifecycle::queue_note(site, &ahead, &pod::effective_resources(job, site))
 }
 
 /// Checks that the Secrets the pod will read exist and have their keys. Only key names are looked at.
@@ -388,8 +388,16 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
         Err(e) => return Err(kube_err("write fljob status")(e)),
     }
-    for note in transitions(old, new) {
-        publish(ctx, job, &note).await;
+    let notes = transitions(old, new);
+    if !notes.is_empty() {
+        // Off the reconcile's path: the status is the record, an Event is news about it. A reconcile that waited for
+        // its Event POSTs would hold a worker slot for them (issue 12: that wait was most of a burst's makespan).
+        let (recorder, reference) = (ctx.recorder.clone(), job.object_ref(&()));
+        tokio::spawn(async move {
+            for note in notes {
+                send(&recorder, &reference, &note).await;
+            }
+        });
     }
     if let (Some(a), None) = (new.abort.as_ref(), old.abort.as_ref().and_then(|a| a.completed_at.as_ref()))
         && let (Some(done), Some(method)) = (&a.completed_at, a.method) {
@@ -400,6 +408,10 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
 }
 
 async fn publish(ctx: &Context, job: &FLJob, note: &Note) {
+    send(&ctx.recorder, &job.object_ref(&()), note).await;
+}
+
+async fn send(recorder: &kube::runtime::events::Recorder, reference: &k8s_openapi::api::core::v1::ObjectReference, note: &Note) {
     let ev = Event {
         type_: if note.warning { EventType::Warning } else { EventType::Normal },
         reason: note.reason.clone(),
@@ -407,7 +419,7 @@ async fn publish(ctx: &Context, job: &FLJob, note: &Note) {
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+    if let Err(e) = recorder.publish(&ev, reference).await {
         warn!(error = %e, reason = %note.reason, "could not publish event");
     }
 }

@@ -185,7 +185,9 @@ pub fn affected_by_site(job: &FLJob, site: &FLSite) -> bool {
     let uid = job.uid().unwrap_or_default();
     let holding = site.status.as_ref().is_some_and(|s| s.allocations.iter().any(|a| a.uid == uid));
     let spec_changed = site.status.as_ref().and_then(|s| s.observed_generation) != site.metadata.generation;
-    holding != st.allocation.is_some()
+    // A finished job keeps its `status.allocation` as a record: the ledger taking it back needs no answer from it
+    // (unless it is being deleted: its finalizer waits for the release).
+    (!st.phase.is_finished() && holding != st.allocation.is_some())
         || job.metadata.deletion_timestamp.is_some()
         || (!st.phase.is_finished() && !is_true(&st.conditions, cond::RESOLVED))
         || (st.phase == Phase::Queued && spec_changed)
@@ -425,7 +427,9 @@ mod tests {
         let mut released = queued("c");
         released.status.as_mut().unwrap().phase = Phase::Succeeded;
         released.status.as_mut().unwrap().allocation = Some(Resources::default());
-        assert!(affected_by_site(&released, &site), "just released");
+        assert!(!affected_by_site(&released, &site), "just released: nothing for a finished job to do");
+        released.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        assert!(affected_by_site(&released, &site), "released while being deleted: its finalizer may go");
         site.metadata.generation = Some(2); // the capacity changed: every queued job may be concerned
         assert!(affected_by_site(&queued("b"), &site));
     }
