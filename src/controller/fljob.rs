@@ -118,6 +118,12 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
     let cached = ctx.pods.get(&ObjectRef::new(&pod_name).within(&ns));
     let recorded = job.status.as_ref().and_then(|s| s.pod_name.clone());
     let finished = job.status.as_ref().is_some_and(|s| s.phase.is_finished());
+    if cached.is_none() && recorded.is_some() && !finished && just_admitted(job) {
+        // The pod was created a moment ago and its watch event is on its way: that event brings this job back, and
+        // a GET now would mostly find what the cache is about to show. Look again shortly; asking the API server is
+        // for a pod still missing after that (a lost create, a restart between the status write and the create).
+        return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+    }
     let fetched: Option<Pod> = match (&cached, &recorded) {
         // The cache may lag a pod we just created; only the API server can say it is gone. A finished job needs
         // no answer: its pod is never looked at again unless it is still there.
@@ -136,6 +142,20 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
     };
     let decision = decide(Input { job, site: site_view, secrets, pod: pod_view, now: now() });
     apply(ctx, job, site.as_deref(), &pod_name, decision).await
+}
+
+/// How long after its admission a job trusts that its missing pod is only not in the cache yet.
+const POD_CACHE_LAG: i64 = 3_000;
+
+/// Admitted (and its pod created) less than `POD_CACHE_LAG` ago, with no abort or deletion to act on.
+fn just_admitted(job: &FLJob) -> bool {
+    let Some(st) = job.status.as_ref() else { return false };
+    let admitted = crate::api::find_condition(&st.conditions, lifecycle::cond::ADMITTED).filter(|c| c.status == "True");
+    st.phase == crate::api::Phase::Starting
+        && st.abort.is_none()
+        && !job.spec.abort
+        && job.metadata.deletion_timestamp.is_none()
+        && admitted.is_some_and(|c| millis(&now()) - millis(&c.last_transition_time) < POD_CACHE_LAG)
 }
 
 fn queue_note(ctx: &Context, ns: &str, site: &FLSite, job: &FLJob) -> lifecycle::QueueNote {
@@ -162,13 +182,21 @@ async fn check_secrets(ctx: &Context, ns: &str, job: &FLJob, site: &FLSite) -> R
         wanted.push((c, creds_field, CREDENTIAL_ENV.iter().map(|(k, _)| *k).collect()));
     }
     for (name, field, keys) in wanted {
-        match api.get_opt(&name).await.map_err(kube_err("get secret"))? {
+        let present = match ctx.secret_keys.get(ns, &name) {
+            Some(k) => Some(k),
+            None => {
+                let got = api.get_opt(&name).await.map_err(kube_err("get secret"))?;
+                let k = got.map(|s| s.data.unwrap_or_default().into_keys().collect::<Vec<_>>());
+                ctx.secret_keys.put(ns, &name, k.clone());
+                k
+            }
+        };
+        match present {
             None => {
                 return Ok(SecretsView::Missing(format!("Secret {name:?} ({field}) not found in namespace {ns}")));
             }
-            Some(secret) => {
-                let data = secret.data.unwrap_or_default();
-                let missing: Vec<&str> = keys.into_iter().filter(|k| !data.contains_key(*k)).collect();
+            Some(data) => {
+                let missing: Vec<&str> = keys.into_iter().filter(|k| !data.iter().any(|d| d == k)).collect();
                 if !missing.is_empty() {
                     return Ok(SecretsView::Missing(format!(
                         "Secret {name:?} ({field}) lacks key(s) {}; it needs token, signature and ssid",

@@ -40,6 +40,38 @@ pub struct Context {
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// How many of the three caches have completed their first list.
     pub synced: tokio::sync::watch::Receiver<u8>,
+    /// The key names of Secrets read in the last few seconds (a cache of reads, like the watch caches: a restart
+    /// only reads them again).
+    pub secret_keys: SecretKeys,
+}
+
+/// How long a Secret's key names, once read, answer the pre-admission check of further jobs. A burst of jobs at one
+/// site checks its two Secrets once per interval instead of twice per job; a Secret deleted meanwhile is still caught
+/// by the kubelet (the pod fails with reason ConfigError). Absent Secrets are never remembered: the first check after
+/// one is created sees it.
+pub const SECRET_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Key names of recently read Secrets, by namespace and name.
+#[derive(Default)]
+pub struct SecretKeys(std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, Vec<String>)>>);
+
+impl SecretKeys {
+    /// The key names of `ns/name` if read less than `SECRET_CACHE_TTL` ago.
+    pub fn get(&self, ns: &str, name: &str) -> Option<Vec<String>> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(ns.to_string(), name.to_string())).filter(|(at, _)| at.elapsed() < SECRET_CACHE_TTL).map(|(_, k)| k.clone())
+    }
+
+    /// Remembers what a read found; forgets what it did not find, and whatever is too old.
+    pub fn put(&self, ns: &str, name: &str, keys: Option<Vec<String>>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, (at, _)| at.elapsed() < SECRET_CACHE_TTL);
+        let key = (ns.to_string(), name.to_string());
+        match keys {
+            Some(k) => map.insert(key, (std::time::Instant::now(), k)),
+            None => map.remove(&key),
+        };
+    }
 }
 
 impl Context {
@@ -319,6 +351,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         metrics: metrics.clone(),
         failures: Default::default(),
         synced,
+        secret_keys: Default::default(),
     });
 
     let (jt, st, pt) = (job_triggers.remove(0), site_triggers.remove(0), pod_triggers.remove(0));
@@ -413,6 +446,21 @@ mod tests {
             ..Default::default()
         });
         j
+    }
+
+    #[test]
+    fn secret_reads_are_remembered_briefly_and_absences_never() {
+        let keys = SecretKeys::default();
+        assert_eq!(keys.get("ns", "creds"), None);
+        keys.put("ns", "creds", Some(vec!["token".into()]));
+        assert_eq!(keys.get("ns", "creds"), Some(vec!["token".to_string()]));
+        assert_eq!(keys.get("other", "creds"), None, "per namespace");
+        keys.put("ns", "creds", None);
+        assert_eq!(keys.get("ns", "creds"), None, "a Secret found missing is read again next time");
+        let mut map = keys.0.lock().unwrap();
+        map.insert(("ns".into(), "old".into()), (std::time::Instant::now() - SECRET_CACHE_TTL, vec![]));
+        drop(map);
+        assert_eq!(keys.get("ns", "old"), None, "too old");
     }
 
     #[test]
