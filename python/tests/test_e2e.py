@@ -30,6 +30,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,7 @@ TERMINAL = {"Succeeded", "Failed", "Aborted"}
 TRAIN_MARK = "Task name: train"  # NPTrainer logs it when it gets the train task: the worker is training
 RESOURCES = {"cpu": "500m", "memory": "1Gi"}
 ABORT_GRACE = 30
+DEADLINE_AHEAD = 5  # s: scenario "i" sets activeDeadlineSeconds to pass this long after its patch
 
 
 # ----- environment ------------------------------------------------------------------------------------------------
@@ -202,7 +204,8 @@ def node_placement(env):
 
 class Watcher(threading.Thread):
     """Watches one kind in a namespace and keeps what the test checks afterwards: every pod UID ever seen (with
-    its owner), every FLJob phase ever seen, in order."""
+    its owner), every FLJob phase ever seen, in order, and the last FLJob seen (for a deleted one: the object of its
+    DELETED event, its final status)."""
 
     def __init__(self, env, ns, kind):
         super().__init__(daemon=True)
@@ -211,6 +214,8 @@ class Watcher(threading.Thread):
         self.phases = defaultdict(list)  # FLJob name -> [phase (Queued/<Admitted reason>), ...], changes only
         self.times = defaultdict(list)  # FLJob name -> [(monotonic time, phase), ...]
         self.created = {}  # FLJob name -> creationTimestamp
+        self.last = {}  # FLJob name -> the last object seen
+        self.gone = {}  # FLJob name -> monotonic time its DELETED event was seen
         self.stop_flag = threading.Event()
         self.lock = threading.Lock()
 
@@ -241,7 +246,7 @@ class Watcher(threading.Thread):
                     o = ev["object"]
                     if not isinstance(o, dict):
                         o = o.to_dict()
-                    self._see(o)
+                    self._see(o, ev.get("type"))
                     if self.stop_flag.is_set():
                         w.stop()
                         break
@@ -250,7 +255,7 @@ class Watcher(threading.Thread):
                     time.sleep(0.5)
                 _ = e
 
-    def _see(self, o):
+    def _see(self, o, etype=None):
         md = o.get("metadata") or {}
         with self.lock:
             if self.kind == "pods":
@@ -260,6 +265,9 @@ class Watcher(threading.Thread):
             else:
                 name = md.get("name")
                 self.created.setdefault(name, md.get("creationTimestamp"))
+                self.last[name] = o
+                if etype == "DELETED":
+                    self.gone.setdefault(name, time.monotonic())
                 st = o.get("status") or {}
                 phase = st.get("phase")
                 reason = next((c.get("reason") for c in st.get("conditions") or [] if c.get("type") == "Admitted"),
@@ -268,6 +276,15 @@ class Watcher(threading.Thread):
                 if phase and (not self.phases[name] or self.phases[name][-1] != seen):
                     self.phases[name].append(seen)
                     self.times[name].append((time.monotonic(), seen))
+
+    def first_time(self, name, phases, after):
+        """Monotonic time the FLJob was first seen in one of `phases` at or after `after`, else None."""
+        with self.lock:
+            return next((t for t, p in self.times.get(name, []) if p in phases and t >= after), None)
+
+    def last_status(self, name):
+        with self.lock:
+            return dict((self.last.get(name) or {}).get("status") or {})
 
 
 def metrics(port):
@@ -453,7 +470,7 @@ def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told i
                 "parentConnSec": p.parent_conn_sec,
                 "startupKitSecret": f"{SITE}-startup",
                 "defaults": {"image": env["image"], "pythonPath": "/usr/local/bin/python", "resources": RESOURCES},
-                "capacity": {"jobs": 4},
+                "capacity": {"jobs": 6},  # phase 2 runs 6 jobs at once
             },
         }
         custom.create_namespaced_custom_object(GROUP, VERSION, ns, "flsites", site_body)
@@ -691,7 +708,8 @@ spec:
         [t.join() for t in th]
         log(f"phase 1 (a + stock) {time.monotonic() - t_phase:.1f} s")
 
-        # --- (b) (c) (d) (e) concurrently (capacity 4) ---------------------------------------------------------
+        # --- (b) (c) (d) (e) (h) (i) concurrently (capacity 6; the real node's 2 cpus hold 4 workers at 500m: the
+        # last ones start when b's and c's have failed) -------------------------------------------------------------
         def scenario_fail(variant, code, reason):
             def f():
                 job_id = adm.submit(numpy_job(jobs_dir, f"{variant}-job", rounds=2, variant=variant))
@@ -726,6 +744,72 @@ spec:
                         "ok_server": status == "FINISHED:ABORTED"}
             return f
 
+        def scenario_delete():
+            """`kubectl delete flj` while the worker trains: deleting an FLJob aborts its job (cause Deleted), the
+            FLJob goes once its worker has ended and its quota is back in the site's pool, its pod after it."""
+            job_id = adm.submit(numpy_job(jobs_dir, "abort-delete", rounds=40, sleep_per_round=1))
+            wait_training(job_id)
+            name = fljob_name(job_id, SITE)
+            uid = fljob(job_id)["metadata"]["uid"]
+            t = time.monotonic()
+            kubectl(env, "-n", ns, "delete", "flj", name, "--wait=false")
+            ended = wait_for(lambda: flj_w.first_time(name, TERMINAL, t), 60, f"FLJob {name} finished")
+            to_fljob = ended - t
+            status = adm.wait_job(job_id, 60)
+            to_server = time.monotonic() - t
+            wait_for(lambda: _get_or_none(lambda: fljob(job_id)) is None, 60, f"FLJob {name} gone")
+            # The operator lets a deleted FLJob go only once the site's ledger no longer holds it: read right after.
+            site_st = custom.get_namespaced_custom_object(GROUP, VERSION, ns, "flsites", SITE).get("status") or {}
+            held = [a.get("job") for a in site_st.get("allocations") or [] if a.get("uid") == uid]
+
+            def pod_gone():  # the garbage collector deletes the pod once its owner is gone
+                return not [x for x in core.list_namespaced_pod(ns).items
+                            if any(r.uid == uid for r in x.metadata.owner_references or [])]
+            pods_gone = _true_within(pod_gone, 30)
+            deleted_seen = _true_within(lambda: name in flj_w.gone, 10)
+            gone_at = flj_w.gone.get(name)  # when the watcher saw it go (the GET above waited for the server too)
+            st = flj_w.last_status(name)  # the FLJob's last status (its DELETED event's, if the watch saw it)
+            ab = st.get("abort") or {}
+            return {"job_id": job_id, "server": status, "phase": st.get("phase"), "exit": st.get("exitCode"),
+                    "reason": st.get("reason"), "cause": ab.get("cause"), "method": ab.get("method"),
+                    "abort_to_fljob_end": round(to_fljob, 1), "abort_to_server_end": round(to_server, 1),
+                    "abort_to_fljob_gone": round(gone_at - t, 1) if gone_at else None,
+                    "deleted_event_seen": deleted_seen,
+                    "pod_gone": pods_gone, "ledger_holds": held,
+                    "ok_fljob": (st.get("phase"), ab.get("cause"), ab.get("method")) == ("Aborted", "Deleted",
+                                                                                        "Graceful"),
+                    "ok_server": status == "FINISHED:ABORTED",
+                    "ok_pod_gone": pods_gone, "ok_ledger": not held}
+
+        def scenario_deadline():
+            """spec.activeDeadlineSeconds set once the worker trains (the launcher's active_deadline_seconds is one
+            value for every job of the site; the field may change after creation). The deadline counts from the
+            worker's start (status.startTime): it is set to pass DEADLINE_AHEAD s after the patch."""
+            job_id = adm.submit(numpy_job(jobs_dir, "abort-deadline", rounds=40, sleep_per_round=1))
+            wait_training(job_id)
+            name = fljob_name(job_id, SITE)
+            started = _ts(fljob(job_id)["status"]["startTime"])
+            deadline = int(time.time() - started) + DEADLINE_AHEAD
+            kubectl(env, "-n", ns, "patch", "flj", name, "--type", "merge", "-p",
+                    json.dumps({"spec": {"activeDeadlineSeconds": deadline}}))
+            t = time.monotonic() + (started + deadline - time.time())  # when the deadline passes
+            o = wait_fljob_terminal(job_id, DEADLINE_AHEAD + 60)
+            to_fljob = time.monotonic() - t
+            status = adm.wait_job(job_id, 60)
+            to_server = time.monotonic() - t
+            st = o["status"]
+            ab = st.get("abort") or {}
+            late = round(_ts(ab["requestedAt"]) - (started + deadline), 1) if ab.get("requestedAt") else None
+            return {"job_id": job_id, "server": status, "phase": st.get("phase"), "exit": st.get("exitCode"),
+                    "reason": st.get("reason"), "cause": ab.get("cause"), "method": ab.get("method"),
+                    "active_deadline_seconds": deadline, "deadline_to_abort_request": late,
+                    "abort_to_fljob_end": round(to_fljob, 1), "abort_to_server_end": round(to_server, 1),
+                    "ok_fljob": (st.get("phase"), st.get("reason"), ab.get("cause"), ab.get("method")) == (
+                        "Aborted", "DeadlineExceeded", "DeadlineExceeded", "Graceful"),
+                    # requestedAt and startTime are whole seconds: not before the deadline, and soon after it
+                    "ok_on_time": late is not None and 0 <= late <= 5,
+                    "ok_server": status == "FINISHED:ABORTED"}
+
         t_phase = time.monotonic()
         th = [
             threading.Thread(target=run, args=(n, f))
@@ -734,13 +818,15 @@ spec:
                 ("c", scenario_fail("bad_arg", 103, "ConfigError")),
                 ("d", scenario_abort("admin")),
                 ("e", scenario_abort("kubectl")),
+                ("h", scenario_delete),
+                ("i", scenario_deadline),
             )
         ]
         for t in th:
             t.start()
             time.sleep(0.3)  # submit in this order
         [t.join() for t in th]
-        log(f"phase 2 (b c d e) {time.monotonic() - t_phase:.1f} s")
+        log(f"phase 2 (b c d e h i) {time.monotonic() - t_phase:.1f} s")
 
         # --- (f) the operator SIGKILLed while a job trains ----------------------------------------------------
         def scenario_f():
@@ -843,6 +929,11 @@ def _get_or_none(fn):
         raise
 
 
+def _ts(s):
+    """An API timestamp (RFC 3339) as epoch seconds."""
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
 def _true_within(pred, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -880,7 +971,7 @@ def print_report(results, total):
     print(f"  operator:     {a.get('operator_by')}")
     print(f"  stock parent: {s.get('parent_by')}")
     print("\n=== scenarios ===")
-    for k in ("a", "b", "c", "d", "e", "f", "g", "stock"):
+    for k in ("a", "b", "c", "d", "e", "h", "i", "f", "g", "stock"):
         r = results.get(k)
         if r is None:
             print(f"{k}: not run")

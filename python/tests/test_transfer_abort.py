@@ -151,6 +151,30 @@ class TestKubernetesAbort:
         t.join(5)
         assert handle.poll() == JobReturnCode.ABORTED
 
+    def test_deleted_fljob_relays_nvflare_abort_and_stays_aborted(self, cluster):
+        # `kubectl delete flj`: the operator's finalizer keeps the FLJob (deletionTimestamp set) while it aborts the
+        # job; the handle keeps watching it, sends ABORT once, and the code stays ABORTED when the FLJob goes
+        _, fl_ctx, meta, handle = launch(cluster)
+        t = self._wait_in_thread(handle)
+        cluster.set_status(handle.name, {"phase": "Running"})
+        cluster.patch("FLJob", NS, handle.name, {"metadata": {"deletionTimestamp": "2024-01-01T00:00:00Z",
+                                                              "finalizers": ["fljob.dev/cleanup"]}}, notify=False)
+        cluster.set_status(handle.name, {"phase": "Aborting",
+                                         "abort": {"requestedAt": "2024-01-01T00:00:00Z", "cause": "Deleted"}})
+        deadline = time.monotonic() + 5
+        while not aborts_sent(fl_ctx) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert aborts_sent(fl_ctx) == [
+            {"topic": AdminCommandNames.ABORT, "targets": f"site-1.{meta['job_id']}", "channel": "client_command"}
+        ]
+        cluster.set_status(handle.name, {"phase": "Aborted", "exitCode": 0,
+                                         "abort": {"cause": "Deleted", "method": "Graceful"}})
+        cluster.delete("FLJob", NS, handle.name)
+        t.join(5)
+        assert not t.is_alive()
+        assert handle.poll() == JobReturnCode.ABORTED
+        assert len(aborts_sent(fl_ctx)) == 1
+
     def test_no_relay_when_nvflare_asked(self, cluster, sim_operator):
         # JobExecutor.abort_app sent ABORT itself, then called terminate(): no second ABORT, the code is kept
         sim_operator.exit_code = 0
