@@ -134,6 +134,9 @@ pub struct Input<'a> {
 
 /// True when the reconciler should check the job's Secrets: before admission only.
 pub fn needs_secret_check(job: &FLJob) -> bool {
+    if checked_by_finalizer(job) {
+        return false;
+    }
     let st = job.status.clone().unwrap_or_default();
     !st.phase.is_finished()
         && st.abort.is_none()
@@ -142,6 +145,32 @@ pub fn needs_secret_check(job: &FLJob) -> bool {
         && st.pod_name.is_none()
         && st.allocation.is_none()
         && !is_true(&st.conditions, cond::RESOLVED)
+}
+
+/// The operator adds its finalizer to a new job only once the job's site, policy and Secrets checked out (a check
+/// that fails is written to the status first). A job that has the finalizer and no `Resolved` condition yet is
+/// therefore known to be resolvable: it may be admitted without a status write of its own first (issue 12). Someone
+/// else putting the finalizer on a new job only skips the pre-admission check; the pod still fails on what is
+/// missing.
+pub fn checked_by_finalizer(job: &FLJob) -> bool {
+    job.finalizers().iter().any(|f| f == crate::controller::FINALIZER)
+        && job.status.as_ref().is_none_or(|s| find_condition(&s.conditions, cond::RESOLVED).is_none() && !s.phase.is_finished())
+}
+
+/// How long a new job that fits its site may go without a status of its own while the site admits it (the admission
+/// then writes its first status). A job still waiting after that is written as Queued.
+pub const QUIET_ADMISSION_MS: i64 = 2_000;
+
+/// Whether this decision for a new, checked job that fits can be left unwritten (see [`QUIET_ADMISSION_MS`]): it
+/// would only say "AwaitingAdmission", and the admission comes within moments. Returns how long it may wait.
+pub fn quiet_admission(job: &FLJob, old: &FLJobStatus, d: &Decision, now: &Time) -> Option<Duration> {
+    let unwritten = find_condition(&old.conditions, cond::RESOLVED).is_none();
+    let fits = d.status.phase == Phase::Queued
+        && is_true(&d.status.conditions, cond::RESOLVED)
+        && find_condition(&d.status.conditions, cond::ADMITTED).is_some_and(|c| c.reason == "AwaitingAdmission");
+    let created = job.metadata.creation_timestamp.as_ref()?;
+    let left = QUIET_ADMISSION_MS - (millis(now) - millis(created));
+    (unwritten && fits && d.steps.is_empty() && left > 0).then(|| Duration::from_millis(left as u64))
 }
 
 /// Backoff for things only polling can notice (a Secret appearing): grows with the time the job has waited,
@@ -153,6 +182,12 @@ pub fn wait_backoff(since: Option<&Time>, now: &Time) -> Duration {
 
 struct Ctx<'a> {
     job: &'a FLJob,
+    /// The pod as the caches show it.
+    pod: PodView<'a>,
+    /// The site's ledger holds this job.
+    holding: bool,
+    /// The job had finished before this decision.
+    was_finished: bool,
     st: FLJobStatus,
     steps: Vec<Step>,
     requeue: Option<Duration>,
@@ -173,6 +208,12 @@ impl Ctx<'_> {
             Phase::Aborting if !started => crate::status::client_status::STARTING.to_string(),
             p => client_status_of(p).to_string(),
         });
+    }
+
+    fn push_once(&mut self, step: Step) {
+        if !self.steps.contains(&step) {
+            self.steps.push(step);
+        }
     }
 
     fn requeue_in(&mut self, d: Duration) {
@@ -197,6 +238,13 @@ impl Ctx<'_> {
 
     fn done(mut self) -> Decision {
         self.kstatus();
+        // A job that finishes in this decision is tidied in it too: the steps run only once this status is written
+        // (with the resourceVersion as a precondition), so the end is on record by then, and nothing else may bring
+        // the job back (its own status write does not: see `controller::fljob::not_status`).
+        if !self.was_finished && self.st.phase.is_finished() {
+            let (pod, holding) = (self.pod, self.holding);
+            finished(&mut self, pod, holding);
+        }
         Decision { status: self.st, steps: self.steps, requeue: self.requeue }
     }
 
@@ -240,6 +288,9 @@ pub fn decide(input: Input<'_>) -> Decision {
     let job = input.job;
     let mut cx = Ctx {
         job,
+        pod: input.pod,
+        holding: matches!(&input.site, SiteView::Found { allocation: Some(_), .. }),
+        was_finished: job.status.as_ref().is_some_and(|s| s.phase.is_finished()),
         st: job.status.clone().unwrap_or_default(),
         steps: Vec::new(),
         requeue: None,
@@ -258,7 +309,7 @@ pub fn decide(input: Input<'_>) -> Decision {
     };
 
     if cx.st.phase.is_finished() {
-        finished(&mut cx, &input, allocation.is_some());
+        finished(&mut cx, input.pod, allocation.is_some());
         return cx.done();
     }
 
@@ -327,6 +378,10 @@ pub fn decide(input: Input<'_>) -> Decision {
 
     if let Some(res) = allocation {
         // Admitted: record the allocation, then create the pod.
+        if find_condition(&cx.st.conditions, cond::RESOLVED).is_none() {
+            // Admitted before its first status write (checked_by_finalizer): say it was resolved.
+            cx.cond(cond::RESOLVED, true, "Resolved", format!("FLSite {} and the Secrets exist", site.name_any()));
+        }
         if cx.st.allocation.as_ref() != Some(&res) || !is_true(&cx.st.conditions, cond::ADMITTED) {
             cx.st.allocation = Some(res.clone());
             cx.cond(cond::ADMITTED, true, "Admitted", format!("holds {} from site {}", describe(&res), site.name_any()));
@@ -506,31 +561,31 @@ fn complete_abort(cx: &mut Ctx<'_>, a: &mut AbortStatus, method: crate::api::Abo
 
 /// Finished jobs: never a new pod; tidy a pod that still lingers, honour the TTL and
 /// let a deleted FLJob go once its quota is back in the pool.
-fn finished(cx: &mut Ctx<'_>, input: &Input<'_>, holding: bool) {
-    if let PodView::Present(p) = input.pod {
+fn finished(cx: &mut Ctx<'_>, pod: PodView<'_>, holding: bool) {
+    if let PodView::Present(p) = pod {
         let live = !matches!(pod_state(p), PodState::Exited { .. } | PodState::Evicted { .. } | PodState::Lost { .. });
         let forced = cx.st.abort.as_ref().is_some_and(|a| a.method == Some(crate::api::AbortMethod::Forced));
         if forced {
-            cx.steps.push(Step::ForceDeletePod); // the recorded force-delete may not have gone through
+            cx.push_once(Step::ForceDeletePod); // the recorded force-delete may not have gone through
         } else if live && p.metadata.deletion_timestamp.is_none() {
-            cx.steps.push(Step::DeletePod);
+            cx.push_once(Step::DeletePod);
         }
-        // The end is recorded (this is the status as read back), so the pod may now disappear.
+        // The end is recorded (in the status as read back, or by the write these steps follow), so the pod may go.
         if p.finalizers().iter().any(|f| f == pod::TRACKING_FINALIZER) {
-            cx.steps.push(Step::ReleasePod);
+            cx.push_once(Step::ReleasePod);
         }
     }
     if cx.job.metadata.deletion_timestamp.is_some() {
         if holding {
             return; // the site's reconciler releases it, and that wakes this job up again
         }
-        cx.steps.push(Step::RemoveFinalizer);
+        cx.push_once(Step::RemoveFinalizer);
         return;
     }
     if let (Some(ttl), Some(done)) = (cx.job.spec.ttl_seconds_after_finished, cx.st.completion_time.as_ref()) {
         match until(after_secs(done, ttl), &cx.now) {
             Some(wait) => cx.requeue_in(wait),
-            None => cx.steps.push(Step::DeleteJob),
+            None => cx.push_once(Step::DeleteJob),
         }
     }
 }
@@ -755,10 +810,9 @@ pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> Queue
         }
         msg.push_str(if ahead.is_empty() { "; next in line" } else { "; earlier jobs are ahead in the queue" });
         msg
-    } else if ahead.is_empty() {
-        format!("fits at site {}; next in line for its next admission round", site.name_any())
     } else {
-        format!("fits at site {}, as do the earlier jobs ahead of it; admitted in its next admission rounds", site.name_any())
+        // The same words whether or not earlier jobs are ahead: a draining burst does not rewrite every status.
+        format!("fits at site {}, as do the jobs ahead of it; admitted in the site's next rounds", site.name_any())
     };
     QueueNote { behind: blocked, message: msg }
 }

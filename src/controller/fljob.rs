@@ -11,6 +11,7 @@ use crate::{Error, Result, kube_err};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -28,7 +29,12 @@ pub fn controller(
 ) -> impl std::future::Future<Output = ()> {
     let job_store = ctx.jobs.clone();
     let mapper_store = ctx.jobs.clone();
-    Controller::for_stream(jobs.map(Ok), job_store)
+    // The operator is the only writer of an FLJob's status, and every decision that must be taken again later asks
+    // for it (a requeue) or waits for something that has its own event (the pod, the site, the finalizer). So a change
+    // of the status alone, its own write, brings the job back for nothing: only what people and NVFlare change (the
+    // spec, annotations, labels, finalizers, deletion) does. That was a third of a burst's reconciles (issue 12).
+    let jobs = jobs.map(Ok::<_, kube::runtime::watcher::Error>).predicate_filter(not_status, Default::default());
+    Controller::for_stream(jobs, job_store)
         .owns_stream(pods.map(Ok))
         .watches_stream(sites.map(Ok), move |site: FLSite| {
             let ns = site.namespace();
@@ -46,6 +52,16 @@ pub fn controller(
         .for_each(|_| async {})
 }
 
+
+/// The hash of everything of an FLJob but its status (generation stands for the spec).
+fn not_status(job: &FLJob) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let m = &job.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (m.uid.as_deref(), m.generation, m.deletion_timestamp.as_ref().map(|t| t.0.as_millisecond())).hash(&mut h);
+    (&m.finalizers, &m.annotations, &m.labels).hash(&mut h);
+    Some(h.finish())
+}
 
 /// Reconciles one FLJob.
 #[instrument(skip(job, ctx), fields(fljob = %job.name_any(), namespace = job.namespace().unwrap_or_default(), site = %job.spec.site))]
@@ -86,15 +102,11 @@ async fn report_unresolved(ctx: &Context, job: &FLJob, error: &Error) {
 
 async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
     let ns = job.namespace().unwrap_or_default();
-    let jobs: Api<FLJob> = Api::namespaced(ctx.client.clone(), &ns);
     let has_finalizer = job.finalizers().iter().any(|f| f == FINALIZER);
-    if job.metadata.deletion_timestamp.is_none() && !has_finalizer {
-        add_finalizer(&jobs, job).await?;
-        return Ok(Action::await_change()); // the patch brings the job back with its finalizer
-    }
     if job.metadata.deletion_timestamp.is_some() && !has_finalizer {
         return Ok(Action::await_change());
     }
+    // A job without the finalizer is checked first and gets it after (`lifecycle::checked_by_finalizer`).
 
     let site = ctx.site_of(job);
     let site_view = match &site {
@@ -138,6 +150,7 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
     };
     let secrets = match &site {
         Some(site) if lifecycle::needs_secret_check(job) => check_secrets(ctx, &ns, job, site).await?,
+        Some(_) if lifecycle::checked_by_finalizer(job) => SecretsView::Ok,
         _ => SecretsView::NotChecked,
     };
     let decision = decide(Input { job, site: site_view, secrets, pod: pod_view, now: now() });
@@ -257,10 +270,33 @@ async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str
     let jobs: Api<FLJob> = Api::namespaced(ctx.client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let old = job.status.clone().unwrap_or_default();
+    let has_finalizer = job.finalizers().iter().any(|f| f == FINALIZER);
+    // A new job that checked out and fits its site: its finalizer is the mark the site admits it on, and the
+    // admission writes its first status (issue 12: one status write less per job). Checked again shortly, when it
+    // is written as Queued if the site has not admitted it by then.
+    if let Some(wait) = lifecycle::quiet_admission(job, &old, &d, &now()) {
+        if !has_finalizer {
+            add_finalizer(&jobs, job).await?;
+        }
+        return Ok(Action::requeue(wait));
+    }
+    if !has_finalizer && job.metadata.deletion_timestamp.is_none() {
+        // Whatever the checks found is written first, so that the finalizer never marks a job whose checks failed.
+        write_status(ctx, &jobs, job, &old, &d.status).await?;
+        add_finalizer(&jobs, job).await?;
+        return Ok(Action::await_change()); // the patch brings the job back with its finalizer
+    }
     // Record the decision first, then act: every step is idempotent and is derived again from the recorded status
     // if it fails, while acting first could destroy the evidence a failed status write needed (a pod deleted
     // because its job failed would later look like a pod lost to someone else).
-    write_status(ctx, &jobs, job, &old, &d.status).await?;
+    let written = write_status(ctx, &jobs, job, &old, &d.status).await?;
+    // A second write in this reconcile (a refused pod) goes on top of the first: the job as just written.
+    let mut current = job.clone();
+    if let Some(rv) = written {
+        current.metadata.resource_version = Some(rv);
+        current.status = Some(d.status.clone());
+    }
+    let job = &current;
     for step in std::mem::take(&mut d.steps) {
         match step {
             Step::CreatePod => {
@@ -278,11 +314,10 @@ async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str
                         let mut failed = d.status.clone();
                         fail_rejected(&mut failed, &rejection);
                         let base = d.status.clone();
-                        write_status(ctx, &jobs, job, &base, &failed).await.or_else(|e| match e {
-                            Error::Conflict(_) => Ok(()),
-                            e => Err(e),
-                        })?;
-                        return Ok(Action::await_change());
+                        write_status(ctx, &jobs, job, &base, &failed).await?;
+                        // Nothing else brings back a job without a pod: its TTL is asked for now.
+                        let ttl = job.spec.ttl_seconds_after_finished.map(|s| std::time::Duration::from_secs(s.max(0) as u64));
+                        return Ok(ttl.map(Action::requeue).unwrap_or_else(Action::await_change));
                     }
                     Created::NotYet(why, source) => {
                         // Refused for now (the namespace's ResourceQuota is used up, a webhook cannot be reached, the
@@ -292,10 +327,7 @@ async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str
                         let c = crate::api::condition(lifecycle::cond::STARTED, false, "PodRefused", msg.clone(), waiting.observed_generation, &now());
                         if crate::api::set_condition(&mut waiting.conditions, c) {
                             let base = d.status.clone();
-                            write_status(ctx, &jobs, job, &base, &waiting).await.or_else(|e| match e {
-                                Error::Conflict(_) => Ok(()),
-                                e => Err(e),
-                            })?;
+                            write_status(ctx, &jobs, job, &base, &waiting).await?;
                             publish(ctx, job, &Note { warning: true, reason: "PodRefused".into(), message: msg }).await;
                         }
                         return Err(Error::Kube { step: "create pod", source });
@@ -400,9 +432,10 @@ async fn create_pod(ctx: &Context, job: &FLJob, site: &FLSite) -> Result<Created
 
 /// Writes the status with server-side apply, only when it changed. The resourceVersion makes it a precondition:
 /// a decision made on a stale cache is refused (409) and made again on fresh data.
-async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobStatus, new: &FLJobStatus) -> Result<()> {
+/// Returns the new resourceVersion when it wrote.
+async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobStatus, new: &FLJobStatus) -> Result<Option<String>> {
     if old == new && job.status.is_some() {
-        return Ok(());
+        return Ok(None);
     }
     let patch = serde_json::json!({
         "apiVersion": FLJob::api_version(&()),
@@ -410,12 +443,12 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
         "metadata": {"resourceVersion": job.resource_version()},
         "status": new,
     });
-    match api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
-        Ok(_) => {}
+    let rv = match api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
+        Ok(written) => written.resource_version(),
         Err(kube::Error::Api(s)) if s.code == 409 => return Err(Error::Conflict(format!("FLJob {}", job.name_any()))),
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
         Err(e) => return Err(kube_err("write fljob status")(e)),
-    }
+    };
     let notes = transitions(old, new);
     if !notes.is_empty() {
         // Off the reconcile's path: the status is the record, an Event is news about it. A reconcile that waited for
@@ -432,7 +465,7 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
             let secs = (millis(done) - millis(&a.requested_at)).max(0) as f64 / 1000.0;
             ctx.metrics.abort_duration.get_or_create(&AbortLabels { method: format!("{method:?}") }).observe(secs);
         }
-    Ok(())
+    Ok(rv)
 }
 
 async fn publish(ctx: &Context, job: &FLJob, note: &Note) {

@@ -186,16 +186,18 @@ pub fn job_view(job: &FLJob, site: &FLSite) -> JobView {
     // Borrowed, not cloned: this runs for every job of a site, for every queued job's reconcile.
     let st = job.status.as_ref().unwrap_or(&EMPTY);
     let finished = st.phase.is_finished();
+    let checked = crate::lifecycle::checked_by_finalizer(job);
     let wants = !finished
         && job.metadata.deletion_timestamp.is_none()
         && !job.spec.abort
         && st.abort.is_none()
-        && is_true(&st.conditions, cond::RESOLVED);
+        && (is_true(&st.conditions, cond::RESOLVED) || checked);
     let undecided = !finished
         && job.metadata.deletion_timestamp.is_none()
         && !job.spec.abort
         && st.abort.is_none()
-        && crate::api::find_condition(&st.conditions, cond::RESOLVED).is_none();
+        && crate::api::find_condition(&st.conditions, cond::RESOLVED).is_none()
+        && !checked;
     JobView {
         name: job.name_any(),
         uid: job.uid().unwrap_or_default(),
@@ -221,7 +223,9 @@ pub fn affected_by_site(job: &FLJob, site: &FLSite) -> bool {
     // (unless it is being deleted: its finalizer waits for the release).
     (!st.phase.is_finished() && holding != st.allocation.is_some())
         || job.metadata.deletion_timestamp.is_some()
-        || (!st.phase.is_finished() && !is_true(&st.conditions, cond::RESOLVED))
+        // Waiting for the site or its Secrets (Resolved=False). A job never looked at yet needs no wake-up: its own
+        // creation event brings it.
+        || (!st.phase.is_finished() && crate::api::find_condition(&st.conditions, cond::RESOLVED).is_some_and(|c| c.status == "False"))
         || (st.phase == Phase::Queued && spec_changed)
 }
 
