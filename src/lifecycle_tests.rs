@@ -580,32 +580,24 @@ fn a_clean_exit_after_nvflares_own_abort_is_an_abort() {
 
 #[test]
 fn a_worker_that_stopped_just_before_the_decided_delete_reached_it_is_graceful() {
-    let mut job = started_job();
-    aborting(&mut job, 6000);
     // The grace period ran out at 16 s and the delete was recorded; the worker had exited 0 at 15 s, so the API
     // server deleted an already ended pod (grace period 0).
-    job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(16_000));
-    let mut pod = mk_pod("Succeeded", exited(0, "Completed", true));
-    pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(15_000));
+    let (job, mut pod) = delete_decided_at_16s_worker_ended_at(15_000);
     pod.metadata.deletion_timestamp = Some(t(16_000));
     pod.metadata.deletion_grace_period_seconds = Some(0);
     let d = decide_with(&job, &site(), PodView::Present(&pod), 16_500);
     assert_eq!((d.status.phase, d.status.exit_code), (Phase::Aborted, Some(0)));
     assert_eq!(d.status.abort.as_ref().and_then(|a| a.method), Some(AbortMethod::Graceful));
     // Ended in the same second as the decision: no telling which came first, so the delete counts.
-    pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(16_000));
+    ended_at(&mut pod, 16_000);
     let d = decide_with(&job, &site(), PodView::Present(&pod), 16_500);
     assert_eq!((d.status.exit_code, d.status.abort.as_ref().and_then(|a| a.method)), (Some(9), Some(AbortMethod::Deleted)));
 }
 
 #[test]
 fn a_worker_that_stopped_while_the_decided_delete_kept_failing_is_graceful() {
-    let mut job = started_job();
-    aborting(&mut job, 6000);
     // The delete was decided at 16 s but the API server failed it; the worker ended by itself at 40 s.
-    job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(16_000));
-    let mut pod = mk_pod("Succeeded", exited(0, "Completed", true));
-    pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(40_000));
+    let (job, pod) = delete_decided_at_16s_worker_ended_at(40_000);
     let d = decide_with(&job, &site(), PodView::Present(&pod), 41_000);
     assert_eq!((d.status.exit_code, d.status.abort.as_ref().and_then(|a| a.method)), (Some(0), Some(AbortMethod::Graceful)));
 }
@@ -701,6 +693,23 @@ fn a_new_job_not_admitted_soon_is_written_as_queued() {
     let d = decide(Input { secrets: SecretsView::Missing("Secret \"x\" not found".into()), ..input(&job, 1100) });
     assert_eq!(quiet_admission(&job, &old, &d, &t(1100)), None);
     assert_eq!(d.status.phase, Phase::Pending);
+}
+
+/// When the worker container of `pod` exited.
+fn ended_at(pod: &mut Pod, ms: i64) {
+    let c = &mut pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];
+    c.state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(ms));
+}
+
+/// A running job aborted at 6 s whose pod delete was decided at 16 s (the grace period), and its worker pod, which
+/// exited 0 at `ended` ms.
+fn delete_decided_at_16s_worker_ended_at(ended: i64) -> (FLJob, Pod) {
+    let mut job = started_job();
+    aborting(&mut job, 6000);
+    job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(16_000));
+    let mut pod = mk_pod("Succeeded", exited(0, "Completed", true));
+    ended_at(&mut pod, ended);
+    (job, pod)
 }
 
 fn waiting_state() -> k8s_openapi::api::core::v1::ContainerState {
