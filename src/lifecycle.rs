@@ -137,7 +137,8 @@ pub fn needs_secret_check(job: &FLJob) -> bool {
     if checked_by_finalizer(job) {
         return false;
     }
-    let st = job.status.clone().unwrap_or_default();
+    // Borrowed: this runs on every reconcile of a job.
+    let Some(st) = job.status.as_ref() else { return !job.spec.abort && job.metadata.deletion_timestamp.is_none() };
     !st.phase.is_finished()
         && st.abort.is_none()
         && !job.spec.abort
@@ -309,7 +310,8 @@ pub fn decide(input: Input<'_>) -> Decision {
     };
 
     if cx.st.phase.is_finished() {
-        finished(&mut cx, input.pod, allocation.is_some());
+        let holding = cx.holding;
+        finished(&mut cx, input.pod, holding);
         return cx.done();
     }
 
