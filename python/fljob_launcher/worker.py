@@ -29,6 +29,7 @@ its lifetime), so when the parent does not exist the worker is shown its own pid
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import runpy
 import signal
@@ -167,10 +168,13 @@ class JobCommands:
         original = cb.cb
 
         def wrapped(*args, **kwargs):
-            try:
-                seen()
-            except Exception as e:  # noting the command must never stop it
-                _log(f"noting {topic}: {type(e).__name__}: {e}")
+            # The CommandAgent registers one callback for every CLIENT_COMMAND topic ("*"): note only `topic`'s
+            # messages, not the ABORT_TASK or CHECK_STATUS that reach the same callback.
+            if _topic_of(args[0] if args else kwargs.get("request")) == topic:
+                try:
+                    seen()
+                except Exception as e:  # noting the command must never stop it
+                    _log(f"noting {topic}: {type(e).__name__}: {e}")
             return original(*args, **kwargs)
 
         try:
@@ -199,10 +203,78 @@ class JobCommands:
         try:
             cb.cb(msg, *cb.args, **cb.kwargs)
         except Exception as e:
-            # Delivered, but NVFlare's own handler failed (2.9.0's ABORT_TASK calls ClientRunner.abort_task, which
-            # does not exist: the same error a parent-sent ABORT_TASK meets). Do not retry.
+            # Delivered, but NVFlare's own handler failed (the same error a parent-sent command meets): do not retry.
             _log(f"NVFlare's {topic} handler failed: {type(e).__name__}: {e}")
         return True
+
+
+def _topic_of(message) -> Optional[str]:
+    from nvflare.fuel.f3.cellnet.defs import MessageHeaderKey
+
+    try:
+        return message.get_header(MessageHeaderKey.TOPIC)
+    except AttributeError:
+        return None
+
+
+class TaskAborts:
+    """ABORT_TASK for nvflare 2.9.0: the job cell's handler (``AbortTaskCommand``) calls ``ClientRunner.abort_task()``,
+    which 2.9.0 does not have -- an AttributeError, whoever sends it (the parent's ``JobExecutor.abort_task`` over
+    CellNet, or this entry point), and the task runs on. What aborting a task takes is a trigger of the task's own
+    ``abort_signal``: ``ClientRunner._do_process_task`` makes it per task, passes it to ``_do_task`` (and so to
+    ``executor.execute``) and keeps it nowhere else. So, in this process only and only while NVFlare lacks
+    ``ClientRunner.abort_task``: ``_do_task`` is wrapped to record ``task id -> (name, abort_signal)`` for the task's
+    lifetime, and ``ClientRunner.abort_task`` is supplied, triggering the signals of the runner's running tasks.
+    Once the executor returns, NVFlare's ``_do_task`` sees the signal and replies TASK_ABORTED; the runner goes on to
+    fetch the next task. NVFlare's own command handler then works unchanged, for every sender."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: Dict[str, tuple] = {}  # task id -> (runner, task name, abort signal)
+
+    def install(self, runner_class=None) -> bool:
+        """Wraps `runner_class` (NVFlare's ClientRunner); False (nothing done) when it has its own abort_task."""
+        if runner_class is None:
+            from nvflare.private.fed.client.client_runner import ClientRunner as runner_class
+        if hasattr(runner_class, "abort_task"):
+            return False
+        do_task = runner_class._do_task
+        tasks = self
+
+        @functools.wraps(do_task)
+        def _do_task(runner, task, fl_ctx, abort_signal):
+            with tasks._lock:
+                tasks._running[task.task_id] = (runner, task.name, abort_signal)
+            try:
+                return do_task(runner, task, fl_ctx, abort_signal)
+            finally:
+                with tasks._lock:
+                    if tasks._running.get(task.task_id, (None, None, None))[2] is abort_signal:
+                        del tasks._running[task.task_id]
+
+        def abort_task(runner) -> str:
+            return tasks.abort(runner)
+
+        runner_class._do_task = _do_task
+        runner_class.abort_task = abort_task
+        return True
+
+    def running(self, runner=None) -> List[tuple]:
+        """(task name, task id) of the running tasks (of `runner`, or of every runner)."""
+        with self._lock:
+            return [(n, i) for i, (r, n, _) in self._running.items() if runner is None or r is runner]
+
+    def abort(self, runner) -> str:
+        """Triggers the abort signal of each of `runner`'s running tasks; says what it did."""
+        with self._lock:
+            hit = [(n, i, s) for i, (r, n, s) in self._running.items() if r is runner]
+        for name, task_id, sig in hit:
+            sig.trigger(True)
+            _log(f"ABORT_TASK: aborted task {name} (id {task_id}) (t={time.time():.3f})")
+        if not hit:
+            _log("ABORT_TASK: no task is running, nothing to abort")
+            return "no task is running: nothing to abort"
+        return "aborted " + ", ".join(f"task {n} ({i})" for n, i, _ in hit)
 
 
 class AbortRelay:
@@ -330,6 +402,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         interval = float(os.environ.get(ENV_WATCH_INTERVAL, "0.5"))
     except ValueError:
         interval = 0.5
+    if TaskAborts().install():
+        _log("nvflare's ClientRunner has no abort_task (2.9.0): ABORT_TASK aborts the running tasks through their "
+             "abort signals")
     if job_id and client_name:
         relay = AbortRelay(JobCommands(client_name, job_id), annotations, interval=max(0.05, interval))
         signal.signal(signal.SIGTERM, relay.on_signal)
