@@ -436,3 +436,58 @@ def numpy_job(
         {"name": name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]}, "min_clients": 1},
     )
     return job
+
+
+# The job's own trainer for abort_task_job (app/custom/abortable_trainer.py): in round `wait_round` the train task
+# works until its abort signal triggers (at most `wait_seconds`), then NPTrainer trains as usual.
+_ABORTABLE_TRAINER = '''"""A numpy trainer whose train task of one round waits for its abort signal (fljob-operator e2e)."""
+
+import time
+
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.shareable import make_reply
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.np.np_trainer import NPTrainer
+
+
+class AbortableTrainer(NPTrainer):
+    def __init__(self, wait_round=0, wait_seconds=60.0):
+        super().__init__()
+        self.wait_round = wait_round
+        self.wait_seconds = wait_seconds
+
+    def execute(self, task_name, shareable, fl_ctx, abort_signal):
+        rnd = shareable.get_header(AppConstants.CURRENT_ROUND, None)
+        task_id = fl_ctx.get_prop(FLContextKey.TASK_ID)
+        if task_name == "train" and rnd == self.wait_round:
+            self.log_info(fl_ctx, f"AbortableTrainer: round {rnd} task {task_id} waits for its abort signal")
+            deadline = time.monotonic() + self.wait_seconds
+            while time.monotonic() < deadline:
+                if abort_signal.triggered:
+                    self.log_info(fl_ctx, f"AbortableTrainer: round {rnd} task {task_id} ABORTED at {time.time():.3f}")
+                    return make_reply(ReturnCode.TASK_ABORTED)
+                time.sleep(0.05)
+            self.log_info(fl_ctx, f"AbortableTrainer: round {rnd} task {task_id} was not aborted")
+        return super().execute(task_name, shareable, fl_ctx, abort_signal)
+'''
+
+
+def abort_task_job(parent_dir, name: str, rounds: int = 2, wait_round: int = 0, wait_seconds: float = 60.0) -> Path:
+    """A ScatterAndGather numpy job whose client executor is the job's own AbortableTrainer (app/custom/, so the
+    job is BYOC): round `wait_round`'s train task waits for its abort signal. The workflow ignores a client's
+    error result (ignore_result_error=True), so an aborted task costs the round its contribution, not the job."""
+    job = numpy_job(parent_dir, name, rounds=rounds)
+    app = job / "app"
+    server = json.loads((app / "config" / "config_fed_server.json").read_text())
+    server["workflows"][0]["args"]["ignore_result_error"] = True
+    _write_json(app / "config" / "config_fed_server.json", server)
+    client = json.loads((app / "config" / "config_fed_client.json").read_text())
+    client["executors"][0]["executor"] = {
+        "id": "Executor",
+        "path": "abortable_trainer.AbortableTrainer",
+        "args": {"wait_round": wait_round, "wait_seconds": wait_seconds},
+    }
+    _write_json(app / "config" / "config_fed_client.json", client)
+    (app / "custom").mkdir(parents=True, exist_ok=True)
+    (app / "custom" / "abortable_trainer.py").write_text(_ABORTABLE_TRAINER)
+    return job

@@ -23,7 +23,9 @@ Scenarios (name: job, entry, what is done while it runs):
   sigterm_plain long job, NVFlare worker, SIGTERM (today's pod deletion without the wrapper)
   sigterm       long job, fljob_launcher.worker, SIGTERM
   annotation    long job, fljob_launcher.worker, fljob.dev/abort="true" written to the annotations file
-  abort_task    4 rounds x 6 s, fljob_launcher.worker, fljob.dev/abort-task changes once -> job continues
+  abort_task    2 rounds, the job's AbortableTrainer (round 0's task waits up to 60 s for its abort signal),
+                fljob_launcher.worker, fljob.dev/abort-task changes once while round 0 waits -> the task is
+                aborted, the job goes on
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from e2e.poc import Project, free_ports, numpy_job  # noqa: E402
+from e2e.poc import Project, abort_task_job, free_ports, numpy_job  # noqa: E402
 
 NV_WORKER = "nvflare.private.fed.app.client.worker_process"
 WRAPPER = "fljob_launcher.worker"
@@ -63,7 +65,10 @@ def pod_env(rec: dict, ws: Path, client: str, info_dir: Path = None) -> dict:
     env.update(rec["credentials_env"])
     env["NVFL_WORKSPACE_OWNER_FQCN"] = rec["workspace_owner"]
     env["NVFL_WORKSPACE_TRANSFER_TOKEN"] = rec["transfer_token"]
-    env["PYTHONPATH"] = str(ws / rec["job_id"] / f"app_{client}" / "custom")
+    # the job's custom/ folder, then this tree's python/ (the image installs it; the virtualenv's editable install
+    # may point at another checkout)
+    env["PYTHONPATH"] = os.pathsep.join([str(ws / rec["job_id"] / f"app_{client}" / "custom"),
+                                         str(Path(__file__).resolve().parent.parent)])
     if info_dir is not None:
         env["FLJOB_INFO_DIR"] = str(info_dir)
     return env
@@ -88,7 +93,7 @@ SCENARIOS = {
     "sigterm_plain": ("ok", 50, 2, NV_WORKER, "sigterm"),
     "sigterm": ("ok", 50, 2, WRAPPER, "sigterm"),
     "annotation": ("ok", 50, 2, WRAPPER, "annotation"),
-    "abort_task": ("ok", 4, 6, WRAPPER, "abort_task"),
+    "abort_task": ("abortable", 2, 0, WRAPPER, "abort_task"),
 }
 
 
@@ -111,7 +116,11 @@ def _target_pid(proc) -> int:
 
 def run_scenario(p: Project, spool: Path, name: str, log) -> dict:
     variant, rounds, sleep, entry, action = SCENARIOS[name]
-    job_dir = numpy_job(p.base / "jobs", f"e2e-{name}", rounds=rounds, sleep_per_round=sleep, variant=variant)
+    if variant == "abortable":
+        job_dir = abort_task_job(p.base / "jobs", f"e2e-{name}", rounds=rounds)
+    else:
+        job_dir = numpy_job(p.base / "jobs", f"e2e-{name}", rounds=rounds, sleep_per_round=sleep, variant=variant)
+    mark = "waits for its abort signal" if variant == "abortable" else "Task name: train"
     t_submit = time.time()
     job_id = p.submit(job_dir)
     rec_path = spool / f"{job_id}.json"
@@ -146,7 +155,7 @@ def run_scenario(p: Project, spool: Path, name: str, log) -> dict:
         p.wait_job_running(job_id, timeout=60)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
-            if "Task name: train" in (ws / job_id / "log.txt").read_text(errors="replace") if (
+            if mark in (ws / job_id / "log.txt").read_text(errors="replace") if (
                 ws / job_id / "log.txt"
             ).exists() else False:
                 break
@@ -203,6 +212,8 @@ def run_scenario(p: Project, spool: Path, name: str, log) -> dict:
     if action == "abort_task":
         result["abort_task_delivered"] = "annotation fljob.dev/abort-task changed" in worker_out
         result["abort_task_nvflare_error"] = "abort_task handler failed" in worker_out
+        result["task_aborted"] = [l for l in worker_out.splitlines() if "ABORT_TASK: aborted task" in l]
+        result["trainer_saw_abort"] = [l for l in worker_out.splitlines() if "ABORTED at" in l]
     log(f"{name}: {json.dumps(result)}")
     return result
 
