@@ -438,8 +438,8 @@ def numpy_job(
     return job
 
 
-# The job's own trainer for abort_task_job (app/custom/abortable_trainer.py): in round `wait_round` the train task
-# works until its abort signal triggers (at most `wait_seconds`), then NPTrainer trains as usual.
+# The job's own trainer for abort_task_job (app/custom/abortable_trainer.py): in the rounds `wait_rounds` the train
+# task works until its abort signal triggers (at most `wait_seconds`, then NPTrainer trains as usual).
 _ABORTABLE_TRAINER = '''"""A numpy trainer whose train task of one round waits for its abort signal (fljob-operator e2e)."""
 
 import time
@@ -451,15 +451,15 @@ from nvflare.app_common.np.np_trainer import NPTrainer
 
 
 class AbortableTrainer(NPTrainer):
-    def __init__(self, wait_round=0, wait_seconds=60.0):
+    def __init__(self, wait_rounds=(0,), wait_seconds=60.0):
         super().__init__()
-        self.wait_round = wait_round
+        self.wait_rounds = list(wait_rounds)
         self.wait_seconds = wait_seconds
 
     def execute(self, task_name, shareable, fl_ctx, abort_signal):
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, None)
         task_id = fl_ctx.get_prop(FLContextKey.TASK_ID)
-        if task_name == "train" and rnd == self.wait_round:
+        if task_name == "train" and rnd in self.wait_rounds:
             self.log_info(fl_ctx, f"AbortableTrainer: round {rnd} task {task_id} waits for its abort signal")
             deadline = time.monotonic() + self.wait_seconds
             while time.monotonic() < deadline:
@@ -472,9 +472,9 @@ class AbortableTrainer(NPTrainer):
 '''
 
 
-def abort_task_job(parent_dir, name: str, rounds: int = 2, wait_round: int = 0, wait_seconds: float = 60.0) -> Path:
+def abort_task_job(parent_dir, name: str, rounds: int = 2, wait_rounds=(0,), wait_seconds: float = 60.0) -> Path:
     """A ScatterAndGather numpy job whose client executor is the job's own AbortableTrainer (app/custom/, so the
-    job is BYOC): round `wait_round`'s train task waits for its abort signal. The workflow ignores a client's
+    job is BYOC): the train task of each round in `wait_rounds` waits for its abort signal. The workflow ignores a client's
     error result (ignore_result_error=True), so an aborted task costs the round its contribution, not the job."""
     job = numpy_job(parent_dir, name, rounds=rounds)
     app = job / "app"
@@ -485,7 +485,7 @@ def abort_task_job(parent_dir, name: str, rounds: int = 2, wait_round: int = 0, 
     client["executors"][0]["executor"] = {
         "id": "Executor",
         "path": "abortable_trainer.AbortableTrainer",
-        "args": {"wait_round": wait_round, "wait_seconds": wait_seconds},
+        "args": {"wait_rounds": list(wait_rounds), "wait_seconds": wait_seconds},
     }
     _write_json(app / "config" / "config_fed_client.json", client)
     (app / "custom").mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,24 @@ workspace transfer and everything else are NVFlare's own, unmodified) and adds w
   exits at once (128 + signal).
 * **Downward-API annotations** ``$FLJOB_INFO_DIR/annotations`` (default ``/etc/fljob/annotations``; lines
   ``key="value"``, Go-quoted values), re-read every ``FLJOB_WATCH_INTERVAL`` seconds (default 0.5):
-  ``fljob.dev/abort`` (any value; the operator writes ``App``) -> ABORT (as above); a new value of ``fljob.dev/abort-task`` -> ABORT_TASK (meant to
-  drop the current task while the job keeps running). The value present at start is the baseline, not a request.
-  NOTE: in nvflare 2.9.0 ABORT_TASK itself is broken -- its handler calls ``ClientRunner.abort_task()``, which does
-  not exist (AttributeError), whoever sends it; the job keeps running and the task is not aborted.
+  ``fljob.dev/abort`` (any value; the operator writes ``App``) -> ABORT (as above); a new value of
+  ``fljob.dev/abort-task`` -> ABORT_TASK: the running task is aborted and the job keeps running. The value present
+  at start is the baseline, not a request.
+* **ABORT_TASK that works on nvflare 2.9.0** (``TaskAborts``): 2.9.0's handler calls ``ClientRunner.abort_task()``,
+  which does not exist (AttributeError, whoever sends it: this relay or the parent's ``JobExecutor.abort_task``
+  over CellNet), so the task ran on. In this process, and only while NVFlare lacks that method, ``_do_task`` is
+  wrapped to know each running task's abort signal and ``ClientRunner.abort_task`` is supplied: it triggers them
+  and logs ``ABORT_TASK: aborted task <name> (id <task id>)`` per task (or that no task was running). The executor
+  sees its ``abort_signal`` (one that never looks at it runs to its end first), NVFlare replies TASK_ABORTED and
+  the runner fetches the next task. What the job does with that reply is its workflow's choice: ScatterAndGather
+  with ``ignore_result_error=True`` logs "Ignore the result", aggregates the round without it and goes on; its
+  default (dynamic) ends a 1-client job once its only client fails a round. NVFlare's reply to the sender is its
+  own (no payload; CellNet sends it as OK). The time from annotation to aborted task (the kubelet's downward-API
+  refresh plus this relay's poll) is measured in README.md "Task scope".
+  No user can send ABORT_TASK to a job through NVFlare 2.9.0 itself: the parent handles ``train.abort_task``
+  (``AbortTaskProcessor`` -> ``ClientEngine.abort_task`` -> ``JobExecutor.abort_task``) but no server or admin
+  command sends it; the annotation is the way in. The parent path works the same once something calls it (the
+  e2e test drives ``ClientEngine.abort_task`` from a component in the client parent).
 
 An abort that arrives before the job cell accepts commands (workspace download, configuration) is delivered as soon as
 it does.

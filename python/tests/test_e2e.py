@@ -415,7 +415,7 @@ class Admin:
 def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told in order
     from kubernetes import client
 
-    from e2e.poc import Project, free_ports, numpy_job
+    from e2e.poc import Project, abort_task_job, free_ports, numpy_job
     from fljob_launcher import fljob_name
 
     t_total = time.monotonic()
@@ -547,7 +547,14 @@ spec:
         time.sleep(1.5)  # the policy reaches the API server's admission chain asynchronously
 
         # --- the client parents' launchers, then start both projects ---------------------------------------
+        trigger_spool = work / "abort-task-spool"
+        trigger_spool.mkdir(parents=True, exist_ok=True)
         p.configure_client(
+            # NVFlare 2.9.0 has no command that sends the parent's train.abort_task: this component calls the
+            # parent's ClientEngine.abort_task (-> JobExecutor.abort_task) when scenario j asks (e2e/abort_task_trigger.py)
+            extra_components=[{"id": "abort_task_trigger", "path": "abort_task_trigger.AbortTaskTrigger",
+                               "args": {"spool_dir": str(trigger_spool)}}],
+            site_custom_files=[PY_DIR / "e2e" / "abort_task_trigger.py"],
             launcher={
                 "id": "fljob_launcher",
                 "path": "fljob_launcher.FLJobLauncher",
@@ -882,6 +889,91 @@ spec:
         run("g", scenario_g)
         log(f"phase 3 (f, g) {time.monotonic() - t_phase:.1f} s")
 
+        # --- (j) task-scope aborts: the annotation, then the parent's JobExecutor.abort_task ------------------
+        def pod_log(pod):
+            try:
+                return core.read_namespaced_pod_log(pod, ns, _request_timeout=10)
+            except Exception:  # noqa: BLE001
+                return ""
+
+        def waiting_task(pod, rnd):
+            """The id of round `rnd`'s train task once the job's AbortableTrainer waits on its abort signal."""
+            m = re.search(rf"AbortableTrainer: round {rnd} task (\S+) waits for its abort signal", pod_log(pod))
+            return m.group(1) if m else None
+
+        def aborted_at(pod, task_id):
+            """The worker's epoch time of `ABORT_TASK: aborted task train (id <task_id>)`, once it logged it."""
+            m = re.search(rf"ABORT_TASK: aborted task train \(id {re.escape(task_id)}\) \(t=([0-9.]+)\)",
+                          pod_log(pod))
+            return float(m.group(1)) if m else None
+
+        def scenario_j():
+            """`kubectl annotate flj <job> fljob.dev/abort-task=<new value>` while round 0's task runs (it waits up
+            to 60 s for its abort signal): the task is aborted, the pod stays, the job goes on. Round 1's task is
+            then aborted from the client parent (ClientEngine.abort_task -> JobExecutor.abort_task over CellNet).
+            Round 2 trains; the server's ScatterAndGather (ignore_result_error) ignores the aborted rounds."""
+            job_id = adm.submit(abort_task_job(jobs_dir, "j-abort-task", rounds=3, wait_rounds=(0, 1),
+                                               wait_seconds=60))
+            name = fljob_name(job_id, SITE)
+            pod = wait_for(lambda: (((_get_or_none(lambda: fljob(job_id)) or {}).get("status") or {})
+                                    .get("podName")), 90, f"pod of {name}")
+            uid = core.read_namespaced_pod(pod, ns).metadata.uid
+            task0 = wait_for(lambda: waiting_task(pod, 0), 90, "round 0's task waiting")
+            value = f"e2e-{uuid.uuid4().hex[:6]}"
+            t_annotate = time.time()
+            t0 = time.monotonic()
+            kubectl(env, "-n", ns, "annotate", "--overwrite", "flj", name, f"fljob.dev/abort-task={value}")
+            at0 = wait_for(lambda: aborted_at(pod, task0), 30, f"task {task0} aborted")
+            to_aborted = at0 - t_annotate
+            st = fljob(job_id)["status"]
+            last = st.get("lastTaskAbort") or {}
+            # round 1: the parent's own path
+            task1 = wait_for(lambda: waiting_task(pod, 1), 60, "round 1's task waiting")
+            t_parent = time.time()
+            (trigger_spool / f"{job_id}.abort-task").write_text("")
+            done = wait_for(lambda: (trigger_spool / f"{job_id}.abort-task.done").is_file()
+                            and (trigger_spool / f"{job_id}.abort-task.done").read_text(), 30, "parent abort_task")
+            at1 = wait_for(lambda: aborted_at(pod, task1), 30, f"task {task1} aborted")
+            status = adm.wait_job(job_id, 120)
+            o = wait_fljob_terminal(job_id)
+            wall = time.monotonic() - t0
+            fst = o["status"]
+            text = pod_log(pod)
+            p_ = core.read_namespaced_pod(pod, ns)
+            cs = (p_.status.container_statuses or [None])[0]
+            term = cs.state.terminated.exit_code if cs and cs.state and cs.state.terminated else None
+            uids = pods_w.pod_uids.get(name, set())
+            server_log = (p.base / "server.out").read_text(errors="replace")
+            ignored = [int(r) for r in re.findall(
+                rf"run={job_id}, wf=scatter_and_gather, peer={CLIENT}, peer_run={job_id}, peer_rc=TASK_ABORTED, "
+                rf"task_name=train, task_id=\S+\] - Ignore the result from {CLIENT} at round (\d+)\.", server_log)]
+            aggregated = re.findall(rf"run={job_id}, wf=scatter_and_gather\] - aggregating (\d) update", server_log)
+            return {
+                "job_id": job_id, "server": status, "phase": fst.get("phase"), "exit": fst.get("exitCode"),
+                "container_exit": term, "last_task_abort": last, "pod_uids": len(uids),
+                "annotate_to_task_aborted": round(to_aborted, 2),
+                "parent_abort_task": done.strip().split(" ", 1)[1],
+                "parent_to_task_aborted": round(at1 - t_parent, 2),
+                "aborted_lines": text.count("ABORT_TASK: aborted task"),
+                "server_ignored_rounds": ignored, "server_aggregated_updates": aggregated,
+                "annotate_to_fljob_end": round(wall, 1),
+                "ok_last_task_abort": last.get("value") == value and bool(last.get("relayedAt")),
+                "ok_same_pod": uids == {uid},
+                "ok_task0_aborted": f"AbortableTrainer: round 0 task {task0} ABORTED" in text,
+                "ok_task1_aborted": f"AbortableTrainer: round 1 task {task1} ABORTED" in text,
+                "ok_once_each": text.count("ABORT_TASK: aborted task") == 2,
+                "ok_not_an_app_abort": "the job received NVFlare's ABORT" not in text,
+                "ok_parent_sent": done.strip().split(" ", 1)[1] == "Abort signal has been sent to the current task.",
+                "ok_round2_trained": "Completed mock training for round 2/3" in text,
+                "ok_server": status == "FINISHED:COMPLETED",
+                "ok_server_ignored": ignored == [0, 1] and aggregated == ["0", "0", "1"],
+                "ok_fljob": fst.get("phase") == "Succeeded" and fst.get("exitCode") == 0 == term,
+            }
+
+        t_phase = time.monotonic()
+        run("j", scenario_j)
+        log(f"phase 4 (j) {time.monotonic() - t_phase:.1f} s")
+
         # every FLJob pod of the run: exactly one per FLJob, all on the real node
         pods_per_job = {k: len(v) for k, v in pods_w.pod_uids.items()}
         results["pods_per_fljob"] = pods_per_job
@@ -971,7 +1063,7 @@ def print_report(results, total):
     print(f"  operator:     {a.get('operator_by')}")
     print(f"  stock parent: {s.get('parent_by')}")
     print("\n=== scenarios ===")
-    for k in ("a", "b", "c", "d", "e", "h", "i", "f", "g", "stock"):
+    for k in ("a", "b", "c", "d", "e", "h", "i", "f", "g", "j", "stock"):
         r = results.get(k)
         if r is None:
             print(f"{k}: not run")
