@@ -440,7 +440,7 @@ def numpy_job(
 
 # The job's own trainer for abort_task_job (app/custom/abortable_trainer.py): in the rounds `wait_rounds` the train
 # task works until its abort signal triggers (at most `wait_seconds`, then NPTrainer trains as usual).
-_ABORTABLE_TRAINER = '''"""A numpy trainer whose train task of one round waits for its abort signal (fljob-operator e2e)."""
+_ABORTABLE_TRAINER = '''"""A numpy trainer whose train task in some rounds waits for its abort signal (fljob-operator e2e)."""
 
 import time
 
@@ -474,8 +474,9 @@ class AbortableTrainer(NPTrainer):
 
 def abort_task_job(parent_dir, name: str, rounds: int = 2, wait_rounds=(0,), wait_seconds: float = 60.0) -> Path:
     """A ScatterAndGather numpy job whose client executor is the job's own AbortableTrainer (app/custom/, so the
-    job is BYOC): the train task of each round in `wait_rounds` waits for its abort signal. The workflow ignores a client's
-    error result (ignore_result_error=True), so an aborted task costs the round its contribution, not the job."""
+    job is BYOC): the train task of each round in `wait_rounds` waits for its abort signal. The workflow ignores a
+    client's error result (ignore_result_error=True), so an aborted task costs the round its contribution, not the
+    job."""
     job = numpy_job(parent_dir, name, rounds=rounds)
     app = job / "app"
     server = json.loads((app / "config" / "config_fed_server.json").read_text())

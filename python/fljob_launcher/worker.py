@@ -22,9 +22,9 @@ workspace transfer and everything else are NVFlare's own, unmodified) and adds w
   and logs ``ABORT_TASK: aborted task <name> (id <task id>)`` per task (or that no task was running). The executor
   sees its ``abort_signal`` (one that never looks at it runs to its end first), NVFlare replies TASK_ABORTED and
   the runner fetches the next task. What the job does with that reply is its workflow's choice: ScatterAndGather
-  with ``ignore_result_error=True`` logs "Ignore the result", aggregates the round without it and goes on; its
-  default (dynamic) ends a 1-client job once its only client fails a round. NVFlare's reply to the sender is its
-  own (no payload; CellNet sends it as OK). The time from annotation to aborted task (the kubelet's downward-API
+  with ``ignore_result_error=True`` logs "Ignore the result", aggregates the round without it and goes on (measured,
+  tests/test_e2e.py scenario j); by its code its default (dynamic) would end a 1-client job whose client failed.
+  NVFlare's reply to the sender is its own (no payload; CellNet sends it as OK). The time from annotation to aborted task (the kubelet's downward-API
   refresh plus this relay's poll) is measured in README.md "Task scope".
   No user can send ABORT_TASK to a job through NVFlare 2.9.0 itself: the parent handles ``train.abort_task``
   (``AbortTaskProcessor`` -> ``ClientEngine.abort_task`` -> ``JobExecutor.abort_task``) but no server or admin

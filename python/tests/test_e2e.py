@@ -551,7 +551,8 @@ spec:
         trigger_spool.mkdir(parents=True, exist_ok=True)
         p.configure_client(
             # NVFlare 2.9.0 has no command that sends the parent's train.abort_task: this component calls the
-            # parent's ClientEngine.abort_task (-> JobExecutor.abort_task) when scenario j asks (e2e/abort_task_trigger.py)
+            # parent's ClientEngine.abort_task (-> JobExecutor.abort_task) when scenario j asks
+            # (e2e/abort_task_trigger.py)
             extra_components=[{"id": "abort_task_trigger", "path": "abort_task_trigger.AbortTaskTrigger",
                                "args": {"spool_dir": str(trigger_spool)}}],
             site_custom_files=[PY_DIR / "e2e" / "abort_task_trigger.py"],
