@@ -770,11 +770,12 @@ fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
     }
 }
 
-/// Why a queued job waits: which resources are short (with what it needs and the site's capacity, not the
+/// Why a queued job waits: which resources are short (with what the job needs; not the site's capacity, nor the
 /// ever-changing usage) and whether it is really held back. Stable while the situation is, so a long queue does not
-/// rewrite every queued job's status at each admission. `ahead` are the demands of the jobs before it in the queue:
-/// if they and this job all fit, the site admits it in its next round (`behind` false, no Event: a burst of jobs on a
-/// roomy site is not "queued"); if something on the way does not fit, it is really queued.
+/// rewrite every queued job's status at each admission, nor at a change of the site's capacity that leaves it
+/// queued (issue 12: raising a capacity rewrote every queued job). `ahead` are the demands of the jobs before it in
+/// the queue: if they and this job all fit, the site admits it in its next round (`behind` false, no Event: a burst
+/// of jobs on a roomy site is not "queued"); if something on the way does not fit, it is really queued.
 pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> QueueNote {
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
     let cap = &site.spec.capacity;
@@ -786,12 +787,11 @@ pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> Queue
         .filter_map(|phrase| phrase.split(':').next())
         .map(|name| {
             let q = |v: &Option<crate::api::Quantity>| v.as_ref().map_or("0".to_string(), |q| q.0.clone());
-            let limit = |v: Option<String>| v.unwrap_or_else(|| "unlimited".into());
             match name {
-                "jobs" => format!("jobs (capacity {})", limit(cap.jobs.map(|n| n.to_string()))),
-                "gpus" => format!("gpus (needs {}, capacity {})", want.gpus.unwrap_or(0), limit(cap.gpus.map(|n| n.to_string()))),
-                "cpu" => format!("cpu (needs {}, capacity {})", q(&want.cpu), limit(cap.cpu.as_ref().map(|c| c.0.clone()))),
-                other => format!("{other} (needs {}, capacity {})", q(&want.memory), limit(cap.memory.as_ref().map(|c| c.0.clone()))),
+                "jobs" => "jobs".to_string(),
+                "gpus" => format!("gpus (needs {})", want.gpus.unwrap_or(0)),
+                "cpu" => format!("cpu (needs {})", q(&want.cpu)),
+                other => format!("{other} (needs {})", q(&want.memory)),
             }
         })
         .collect();
@@ -811,6 +811,7 @@ pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> Queue
             msg.push_str(&format!(": short of {}", short.join(", ")));
         }
         msg.push_str(if ahead.is_empty() { "; next in line" } else { "; earlier jobs are ahead in the queue" });
+        msg.push_str(&format!(" (`kubectl get flsite {}` shows its capacity and use)", site.name_any()));
         msg
     } else {
         // The same words whether or not earlier jobs are ahead: a draining burst does not rewrite every status.

@@ -1,7 +1,7 @@
 //! The FLJob controller: fetch (caches, plus a Secret check before admission) -> decide (`lifecycle::decide`, pure)
 //! -> apply (pod steps and one status write, only when it changed) -> publish Events for the transitions.
 
-use super::{Context, FINALIZER, Trigger, affected_by_site, allocation_resources};
+use super::{Context, FINALIZER, SiteChange, Trigger, allocation_resources};
 use crate::api::{FLJob, FLJobStatus, FLSite, MANAGER, millis, now};
 use crate::events::{Note, transitions};
 use crate::lifecycle::{self, Decision, Input, PodView, SecretsView, SiteView, Step, decide};
@@ -37,12 +37,13 @@ pub fn controller(
     Controller::for_stream(jobs, job_store)
         .owns_stream(pods.map(Ok))
         .watches_stream(sites.map(Ok), move |site: FLSite| {
-            let ns = site.namespace();
+            let ns = site.metadata.namespace.as_deref();
             let name = site.name_any();
+            let change = SiteChange::new(&site);
             mapper_store
                 .state()
                 .into_iter()
-                .filter(|j| j.spec.site == name && j.namespace() == ns && affected_by_site(j, &site))
+                .filter(|j| j.spec.site == name && j.metadata.namespace.as_deref() == ns && change.affects(j))
                 .map(|j| ObjectRef::from_obj(&*j))
                 .collect::<Vec<_>>()
         })
@@ -172,7 +173,10 @@ fn just_admitted(job: &FLJob) -> bool {
 }
 
 fn queue_note(ctx: &Context, ns: &str, site: &FLSite, job: &FLJob) -> lifecycle::QueueNote {
-    let views = ctx.job_views(ns, site);
+    // Only the jobs created no later than this one can be ahead of it (the queue's order is creation, then name):
+    // views are built for those alone, so a job early in a long burst does not weigh the whole site.
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let views = ctx.live_views(ns, site, |j| j.metadata.creation_timestamp.as_ref().map(|t| t.0) <= created);
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
     let queue = crate::quota::queue(&site.spec.capacity, allocations, &views);
     let uid = job.uid().unwrap_or_default();
@@ -444,7 +448,12 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
         "status": new,
     });
     let rv = match api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
-        Ok(written) => written.resource_version(),
+        Ok(written) => {
+            let from = job.status.as_ref().map_or("None".to_string(), |s| format!("{:?}", s.phase));
+            let labels = crate::metrics::StatusWriteLabels { from, to: format!("{:?}", new.phase) };
+            ctx.metrics.status_writes.get_or_create(&labels).inc();
+            written.resource_version()
+        }
         Err(kube::Error::Api(s)) if s.code == 409 => return Err(Error::Conflict(format!("FLJob {}", job.name_any()))),
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
         Err(e) => return Err(kube_err("write fljob status")(e)),
