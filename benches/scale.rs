@@ -227,6 +227,8 @@ struct Window {
     reconciles: BTreeMap<String, (f64, f64)>,
     /// FLJob status writes by phase transition ("from->to"), from the operator's `fljob_status_writes_total`.
     status_writes: BTreeMap<String, f64>,
+    /// Events by reason, from the operator's `fljob_events_total`.
+    events: BTreeMap<String, f64>,
 }
 
 fn window(a: &Snap, b: &Snap) -> Window {
@@ -238,6 +240,8 @@ fn window(a: &Snap, b: &Snap) -> Window {
     }
     let (w0, w1) = (prom::status_writes(&a.op_text), prom::status_writes(&b.op_text));
     let status_writes = w1.iter().map(|(k, v)| (k.clone(), v - w0.get(k).copied().unwrap_or_default())).filter(|(_, v)| *v > 0.0).collect();
+    let (e0, e1) = (prom::events(&a.op_text), prom::events(&b.op_text));
+    let events = e1.iter().map(|(k, v)| (k.clone(), v - e0.get(k).copied().unwrap_or_default())).filter(|(_, v)| *v > 0.0).collect();
     Window {
         secs: b.at.duration_since(a.at).as_secs_f64(),
         op: prom::diff(&a.op, &b.op),
@@ -247,6 +251,7 @@ fn window(a: &Snap, b: &Snap) -> Window {
         cpu: a.cpu.zip(b.cpu).map(|(x, y)| y - x),
         reconciles,
         status_writes,
+        events,
     }
 }
 
@@ -834,6 +839,11 @@ fn report(
         let shown: Vec<String> = by_transition.iter().map(|(k, v)| format!("{k} {}", f(per(**v, n), 2))).collect();
         let shown = if shown.is_empty() { "MISSING".to_string() } else { shown.join(", ") };
         t.row("status writes/job by phase transition", shown, "".into(), "".into(), "<= 3 in all");
+        let mut by_reason: Vec<_> = b.w.events.iter().collect();
+        by_reason.sort_by(|x, y| y.1.total_cmp(x.1));
+        let shown: Vec<String> = by_reason.iter().map(|(k, v)| format!("{k} {}", f(per(**v, n), 2))).collect();
+        let shown = if shown.is_empty() { "MISSING".to_string() } else { shown.join(", ") };
+        t.row("Events/job by reason", shown, "".into(), "".into(), "<= 2 per success");
     }
     if let Some(s) = steady {
         t.row(

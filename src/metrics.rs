@@ -78,6 +78,13 @@ pub struct StatusWriteLabels {
     pub to: String,
 }
 
+/// Labels of an Event sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// The Event's reason (Admitted, Succeeded, Queued, a failure's reason, ...).
+    pub reason: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     /// Reconciles run.
@@ -100,6 +107,8 @@ pub struct Metrics {
     pub abort_duration: Family<AbortLabels, Histogram>,
     /// FLJob status writes, by phase transition: where the writes per job go.
     pub status_writes: Family<StatusWriteLabels, Counter>,
+    /// Events sent, by reason.
+    pub events: Family<EventLabels, Counter>,
     /// 1 while this replica leads.
     pub leader: Gauge<i64, AtomicI64>,
 }
@@ -126,6 +135,7 @@ impl Metrics {
             queued: Family::default(),
             abort_duration: Family::new_with_constructor(abort_histogram as fn() -> Histogram),
             status_writes: Family::default(),
+            events: Family::default(),
             leader: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("fljob");
@@ -139,6 +149,7 @@ impl Metrics {
         r.register("site_queued_jobs", "Jobs waiting for quota", m.queued.clone());
         r.register("abort_duration_seconds", "Time from an abort's request to its completion, by method", m.abort_duration.clone());
         r.register("status_writes", "FLJob status writes, by the phase they moved from and to", m.status_writes.clone());
+        r.register("events", "Events sent (or attempted), by reason", m.events.clone());
         r.register("leader", "1 while this replica is the leader", m.leader.clone());
         m
     }

@@ -78,6 +78,15 @@ pub fn status_writes(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// The operator's `fljob_events_total`, by reason.
+pub fn events(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (l, v) in samples(text, "fljob_events_total") {
+        *out.entry(l.get("reason").cloned().unwrap_or_default()).or_default() += v;
+    }
+    out
+}
+
 /// The API server's `apiserver_request_total`, every client, resource requests only, summed over codes and scopes.
 /// APPLY (server-side apply) is a PATCH as the client sees it.
 pub fn apiserver_requests(text: &str) -> Requests {

@@ -462,10 +462,10 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
     if !notes.is_empty() {
         // Off the reconcile's path: the status is the record, an Event is news about it. A reconcile that waited for
         // its Event POSTs would hold a worker slot for them (issue 12: that wait was most of a burst's makespan).
-        let (recorder, reference) = (ctx.recorder.clone(), job.object_ref(&()));
+        let (recorder, reference, metrics) = (ctx.recorder.clone(), job.object_ref(&()), ctx.metrics.clone());
         tokio::spawn(async move {
             for note in notes {
-                send(&recorder, &reference, &note).await;
+                send(&recorder, &metrics, &reference, &note).await;
             }
         });
     }
@@ -478,10 +478,16 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
 }
 
 async fn publish(ctx: &Context, job: &FLJob, note: &Note) {
-    send(&ctx.recorder, &job.object_ref(&()), note).await;
+    send(&ctx.recorder, &ctx.metrics, &job.object_ref(&()), note).await;
 }
 
-async fn send(recorder: &kube::runtime::events::Recorder, reference: &k8s_openapi::api::core::v1::ObjectReference, note: &Note) {
+async fn send(
+    recorder: &kube::runtime::events::Recorder,
+    metrics: &crate::metrics::Metrics,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    note: &Note,
+) {
+    metrics.events.get_or_create(&crate::metrics::EventLabels { reason: note.reason.clone() }).inc();
     let ev = Event {
         type_: if note.warning { EventType::Warning } else { EventType::Normal },
         reason: note.reason.clone(),
