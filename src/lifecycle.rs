@@ -777,6 +777,52 @@ fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
 /// the queue: if they and this job all fit, the site admits it in its next round (`behind` false, no Event: a burst
 /// of jobs on a roomy site is not "queued"); if something on the way does not fit, it is really queued.
 pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> QueueNote {
+    queue_note_after(site, &Ahead::walk(site, ahead), want)
+}
+
+/// What the jobs ahead of one in its site's queue leave for it, as the site's next round would see them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ahead {
+    /// How many jobs are ahead.
+    pub jobs: usize,
+    /// One of them does not fit in the site's next round: everything behind it waits.
+    pub blocked: bool,
+    /// What the site holds once the next round admitted them all (meaningful when not `blocked`).
+    pub next_round: quota::Amount,
+}
+
+impl Ahead {
+    /// Walks `ahead` (the demands of the jobs before one, in queue order) the way the site's next round admits:
+    /// earlier jobs first, while they fit.
+    pub fn walk(site: &FLSite, ahead: &[Resources]) -> Self {
+        let mut a = Ahead::start(site);
+        for r in ahead {
+            a = a.then(site, r);
+        }
+        a
+    }
+
+    /// Nothing ahead yet: what the site's ledger holds now.
+    pub fn start(site: &FLSite) -> Self {
+        let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
+        Ahead { jobs: 0, blocked: false, next_round: quota::total(allocations) }
+    }
+
+    /// This, with one more job `r` ahead.
+    pub fn then(self, site: &FLSite, r: &Resources) -> Self {
+        let mut next = Ahead { jobs: self.jobs + 1, ..self };
+        if !self.blocked {
+            match quota::demand(r) {
+                Ok(d) if quota::shortfall(&site.spec.capacity, self.next_round, d).is_empty() => next.next_round = self.next_round + d,
+                _ => next.blocked = true,
+            }
+        }
+        next
+    }
+}
+
+/// [`queue_note`] for a job with `ahead` before it.
+pub fn queue_note_after(site: &FLSite, ahead: &Ahead, want: &Resources) -> QueueNote {
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
     let cap = &site.spec.capacity;
     let used = quota::total(allocations);
@@ -795,22 +841,14 @@ pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> Queue
             }
         })
         .collect();
-    // The site's next round, simulated: earlier jobs first, in order, while they fit.
-    let mut next_round = used;
-    let blocked = !short.is_empty()
-        || ahead.iter().chain(std::iter::once(want)).any(|r| match quota::demand(r) {
-            Ok(d) if quota::shortfall(cap, next_round, d).is_empty() => {
-                next_round = next_round + d;
-                false
-            }
-            _ => true,
-        });
+    // The site's next round, simulated: earlier jobs first, in order, while they fit; then this one.
+    let blocked = !short.is_empty() || ahead.then(site, want).blocked;
     let msg = if blocked {
         let mut msg = format!("waiting for quota at site {}", site.name_any());
         if !short.is_empty() {
             msg.push_str(&format!(": short of {}", short.join(", ")));
         }
-        msg.push_str(if ahead.is_empty() { "; next in line" } else { "; earlier jobs are ahead in the queue" });
+        msg.push_str(if ahead.jobs == 0 { "; next in line" } else { "; earlier jobs are ahead in the queue" });
         msg.push_str(&format!(" (`kubectl get flsite {}` shows its capacity and use)", site.name_any()));
         msg
     } else {

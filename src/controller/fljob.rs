@@ -173,15 +173,8 @@ fn just_admitted(job: &FLJob) -> bool {
 }
 
 fn queue_note(ctx: &Context, ns: &str, site: &FLSite, job: &FLJob) -> lifecycle::QueueNote {
-    // Only the jobs created no later than this one can be ahead of it (the queue's order is creation, then name):
-    // views are built for those alone, so a job early in a long burst does not weigh the whole site.
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    let views = ctx.live_views(ns, site, |j| j.metadata.creation_timestamp.as_ref().map(|t| t.0) <= created);
-    let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
-    let queue = crate::quota::queue(&site.spec.capacity, allocations, &views);
-    let uid = job.uid().unwrap_or_default();
-    let ahead: Vec<_> = queue.iter().take_while(|v| v.uid != uid).map(|v| v.resources.clone()).collect();
-    lifecycle::queue_note(site, &ahead, &pod::effective_resources(job, site))
+    let ahead = ctx.queue_index(ns, site).ahead_of(job);
+    lifecycle::queue_note_after(site, &ahead, &pod::effective_resources(job, site))
 }
 
 /// Checks that the Secrets the pod will read exist and have their keys. Only key names are looked at.
