@@ -158,20 +158,44 @@ pub fn checked_by_finalizer(job: &FLJob) -> bool {
         && job.status.as_ref().is_none_or(|s| find_condition(&s.conditions, cond::RESOLVED).is_none() && !s.phase.is_finished())
 }
 
-/// How long a new job that fits its site may go without a status of its own while the site admits it (the admission
-/// then writes its first status). A job still waiting after that is written as Queued.
+/// How long a new job that fits its site may go without a status of its own once the operator checked it (its
+/// finalizer added) while the site admits it (the admission then writes its first status). A job still waiting
+/// after that is written as Queued. Counted from the check, not from the job's creation: in a burst a job may wait
+/// long for its first reconcile, and its admission then follows the check within moments (issue 12: counted from
+/// creation, most jobs of a saturated burst got a status write only to say they would be admitted).
 pub const QUIET_ADMISSION_MS: i64 = 2_000;
 
+/// When the operator last changed the FLJob itself (not its status): for a job without a status, the moment it
+/// added its finalizer, i.e. checked the job. Read from the operator's own `managedFields` entry, which the cache
+/// keeps (without its field set) for this.
+pub fn checked_at(job: &FLJob) -> Option<Time> {
+    job.metadata
+        .managed_fields
+        .as_ref()?
+        .iter()
+        .filter(|m| m.manager.as_deref() == Some(crate::api::MANAGER) && m.operation.as_deref() == Some("Update"))
+        .filter(|m| m.subresource.as_deref().is_none_or(str::is_empty))
+        .filter_map(|m| m.time.clone())
+        .max_by_key(|t| t.0)
+}
+
 /// Whether this decision for a new, checked job that fits can be left unwritten (see [`QUIET_ADMISSION_MS`]): it
-/// would only say "AwaitingAdmission", and the admission comes within moments. Returns how long it may wait.
+/// would only say "AwaitingAdmission", and the admission comes within moments. Returns how long it may wait. The
+/// reconcile that adds the finalizer always may; later ones, for what is left of the window since the check.
 pub fn quiet_admission(job: &FLJob, old: &FLJobStatus, d: &Decision, now: &Time) -> Option<Duration> {
     let unwritten = find_condition(&old.conditions, cond::RESOLVED).is_none();
     let fits = d.status.phase == Phase::Queued
         && is_true(&d.status.conditions, cond::RESOLVED)
         && find_condition(&d.status.conditions, cond::ADMITTED).is_some_and(|c| c.reason == "AwaitingAdmission");
-    let created = job.metadata.creation_timestamp.as_ref()?;
-    let left = QUIET_ADMISSION_MS - (millis(now) - millis(created));
-    (unwritten && fits && d.steps.is_empty() && left > 0).then(|| Duration::from_millis(left as u64))
+    if !(unwritten && fits && d.steps.is_empty()) {
+        return None;
+    }
+    if !job.finalizers().iter().any(|f| f == crate::controller::FINALIZER) {
+        return Some(Duration::from_millis(QUIET_ADMISSION_MS as u64));
+    }
+    let since = checked_at(job).or_else(|| job.metadata.creation_timestamp.clone())?;
+    let left = QUIET_ADMISSION_MS - (millis(now) - millis(&since));
+    (left > 0).then(|| Duration::from_millis(left as u64))
 }
 
 /// Backoff for things only polling can notice (a Secret appearing): grows with the time the job has waited,

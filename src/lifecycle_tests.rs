@@ -690,6 +690,30 @@ fn a_new_job_not_admitted_soon_is_written_as_queued() {
     let d = decide(input(&job, 3100));
     assert_eq!(quiet_admission(&job, &old, &d, &t(3100)), None, "too long without a status");
     assert_eq!(d.status.phase, Phase::Queued);
+    // A job first looked at long after its creation (a burst the operator is working through): the window counts
+    // from its check, the finalizer the operator added then, dated by the operator's managedFields entry.
+    let mut late = mk_job("late", "site-a");
+    late.metadata.creation_timestamp = Some(t(1000));
+    late.metadata.finalizers = None;
+    let d = decide(input(&late, 30_000));
+    assert_eq!(quiet_admission(&late, &old, &d, &t(30_000)), Some(Duration::from_millis(QUIET_ADMISSION_MS as u64)), "the reconcile that adds the finalizer");
+    drop(d);
+    let mut late = late.clone();
+    late.metadata.finalizers = Some(vec![crate::controller::FINALIZER.into()]);
+    let entry = |manager: &str, subresource: Option<&str>, at| k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+        manager: Some(manager.into()),
+        operation: Some("Update".into()),
+        subresource: subresource.map(Into::into),
+        time: Some(t(at)),
+        ..Default::default()
+    };
+    late.metadata.managed_fields = Some(vec![entry("kubectl-client-side-apply", None, 1000), entry(crate::api::MANAGER, None, 30_000), entry(crate::api::MANAGER, Some("status"), 31_900)]);
+    assert_eq!(checked_at(&late), Some(t(30_000)), "the operator's own change of the object, not its status, not kubectl's");
+    let d = decide(input(&late, 31_500));
+    assert_eq!(quiet_admission(&late, &old, &d, &t(31_500)), Some(Duration::from_millis(500)));
+    drop(d);
+    let d = decide(input(&late, 32_100));
+    assert_eq!(quiet_admission(&late, &old, &d, &t(32_100)), None, "2 s after the check");
     // A job whose check failed is always written (and the finalizer then never marks it).
     let mut job = mk_job("bad", "site-a");
     job.metadata.creation_timestamp = Some(t(1000));

@@ -229,7 +229,9 @@ async fn add_finalizer(api: &Api<FLJob>, job: &FLJob) -> Result<()> {
         ])
     };
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|e| Error::Serialize("finalizer patch", e))?;
-    api.patch(&job.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+    // As the operator's field manager: its managedFields entry then dates the check (`lifecycle::checked_at`).
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+    api.patch(&job.name_any(), &params, &Patch::<()>::Json(patch))
         .await
         .map_err(kube_err("add finalizer"))?;
     Ok(())

@@ -387,6 +387,17 @@ where
     }
 }
 
+/// What the FLJob cache keeps of `managedFields`: the operator's own entries, without their field sets (they date
+/// its checks: `lifecycle::checked_at`).
+pub fn slim_job(j: &mut FLJob) {
+    if let Some(m) = j.metadata.managed_fields.as_mut() {
+        m.retain(|e| e.manager.as_deref() == Some(crate::api::MANAGER));
+        for e in m.iter_mut() {
+            e.fields_v1 = None;
+        }
+    }
+}
+
 /// What the pod cache keeps of a worker pod: its metadata and status, and of its spec only what decisions read (the
 /// node, the grace period, each container's name and image). The spec's environment, volumes, mounts and arguments
 /// were most of a cached pod, and the cached pods most of the operator's memory (issue 12: ~40 KiB per job).
@@ -417,7 +428,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         job_writer,
         watcher(api::<FLJob>(&client, &opts.namespace), watcher::Config::default())
             .default_backoff()
-            .modify(|j| j.managed_fields_mut().clear()),
+            .modify(slim_job),
     );
     let site_watch = reflector::reflector(
         site_writer,
