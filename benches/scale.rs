@@ -225,6 +225,10 @@ struct Window {
     cpu: Option<f64>,
     /// (controller) -> (reconciles, seconds spent in them).
     reconciles: BTreeMap<String, (f64, f64)>,
+    /// FLJob status writes by phase transition ("from->to"), from the operator's `fljob_status_writes_total`.
+    status_writes: BTreeMap<String, f64>,
+    /// Events by reason, from the operator's `fljob_events_total`.
+    events: BTreeMap<String, f64>,
 }
 
 fn window(a: &Snap, b: &Snap) -> Window {
@@ -234,6 +238,10 @@ fn window(a: &Snap, b: &Snap) -> Window {
         let (s1, n1) = prom::histogram_sum_count(&b.op_text, "fljob_reconcile_duration_seconds", "controller", c);
         reconciles.insert(c.to_string(), (n1 - n0, s1 - s0));
     }
+    let (w0, w1) = (prom::status_writes(&a.op_text), prom::status_writes(&b.op_text));
+    let status_writes = w1.iter().map(|(k, v)| (k.clone(), v - w0.get(k).copied().unwrap_or_default())).filter(|(_, v)| *v > 0.0).collect();
+    let (e0, e1) = (prom::events(&a.op_text), prom::events(&b.op_text));
+    let events = e1.iter().map(|(k, v)| (k.clone(), v - e0.get(k).copied().unwrap_or_default())).filter(|(_, v)| *v > 0.0).collect();
     Window {
         secs: b.at.duration_since(a.at).as_secs_f64(),
         op: prom::diff(&a.op, &b.op),
@@ -242,6 +250,8 @@ fn window(a: &Snap, b: &Snap) -> Window {
         harness: prom::diff(&a.harness, &b.harness),
         cpu: a.cpu.zip(b.cpu).map(|(x, y)| y - x),
         reconciles,
+        status_writes,
+        events,
     }
 }
 
@@ -824,6 +834,16 @@ fn report(
             "".into(),
             "",
         );
+        let mut by_transition: Vec<_> = b.w.status_writes.iter().collect();
+        by_transition.sort_by(|x, y| y.1.total_cmp(x.1));
+        let shown: Vec<String> = by_transition.iter().map(|(k, v)| format!("{k} {}", f(per(**v, n), 2))).collect();
+        let shown = if shown.is_empty() { "MISSING".to_string() } else { shown.join(", ") };
+        t.row("status writes/job by phase transition", shown, "".into(), "".into(), "<= 3 in all");
+        let mut by_reason: Vec<_> = b.w.events.iter().collect();
+        by_reason.sort_by(|x, y| y.1.total_cmp(x.1));
+        let shown: Vec<String> = by_reason.iter().map(|(k, v)| format!("{k} {}", f(per(**v, n), 2))).collect();
+        let shown = if shown.is_empty() { "MISSING".to_string() } else { shown.join(", ") };
+        t.row("Events/job by reason", shown, "".into(), "".into(), "<= 2 per success");
     }
     if let Some(s) = steady {
         t.row(

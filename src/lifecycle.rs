@@ -158,20 +158,44 @@ pub fn checked_by_finalizer(job: &FLJob) -> bool {
         && job.status.as_ref().is_none_or(|s| find_condition(&s.conditions, cond::RESOLVED).is_none() && !s.phase.is_finished())
 }
 
-/// How long a new job that fits its site may go without a status of its own while the site admits it (the admission
-/// then writes its first status). A job still waiting after that is written as Queued.
+/// How long a new job that fits its site may go without a status of its own once the operator checked it (its
+/// finalizer added) while the site admits it (the admission then writes its first status). A job still waiting
+/// after that is written as Queued. Counted from the check, not from the job's creation: in a burst a job may wait
+/// long for its first reconcile, and its admission then follows the check within moments (issue 12: counted from
+/// creation, most jobs of a saturated burst got a status write only to say they would be admitted).
 pub const QUIET_ADMISSION_MS: i64 = 2_000;
 
+/// When the operator last changed the FLJob itself (not its status): for a job without a status, the moment it
+/// added its finalizer, i.e. checked the job. Read from the operator's own `managedFields` entry, which the cache
+/// keeps (without its field set) for this.
+pub fn checked_at(job: &FLJob) -> Option<Time> {
+    job.metadata
+        .managed_fields
+        .as_ref()?
+        .iter()
+        .filter(|m| m.manager.as_deref() == Some(crate::api::MANAGER) && m.operation.as_deref() == Some("Update"))
+        .filter(|m| m.subresource.as_deref().is_none_or(str::is_empty))
+        .filter_map(|m| m.time.clone())
+        .max_by_key(|t| t.0)
+}
+
 /// Whether this decision for a new, checked job that fits can be left unwritten (see [`QUIET_ADMISSION_MS`]): it
-/// would only say "AwaitingAdmission", and the admission comes within moments. Returns how long it may wait.
+/// would only say "AwaitingAdmission", and the admission comes within moments. Returns how long it may wait. The
+/// reconcile that adds the finalizer always may; later ones, for what is left of the window since the check.
 pub fn quiet_admission(job: &FLJob, old: &FLJobStatus, d: &Decision, now: &Time) -> Option<Duration> {
     let unwritten = find_condition(&old.conditions, cond::RESOLVED).is_none();
     let fits = d.status.phase == Phase::Queued
         && is_true(&d.status.conditions, cond::RESOLVED)
         && find_condition(&d.status.conditions, cond::ADMITTED).is_some_and(|c| c.reason == "AwaitingAdmission");
-    let created = job.metadata.creation_timestamp.as_ref()?;
-    let left = QUIET_ADMISSION_MS - (millis(now) - millis(created));
-    (unwritten && fits && d.steps.is_empty() && left > 0).then(|| Duration::from_millis(left as u64))
+    if !(unwritten && fits && d.steps.is_empty()) {
+        return None;
+    }
+    if !job.finalizers().iter().any(|f| f == crate::controller::FINALIZER) {
+        return Some(Duration::from_millis(QUIET_ADMISSION_MS as u64));
+    }
+    let since = checked_at(job).or_else(|| job.metadata.creation_timestamp.clone())?;
+    let left = QUIET_ADMISSION_MS - (millis(now) - millis(&since));
+    (left > 0).then(|| Duration::from_millis(left as u64))
 }
 
 /// Backoff for things only polling can notice (a Secret appearing): grows with the time the job has waited,
@@ -770,12 +794,59 @@ fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
     }
 }
 
-/// Why a queued job waits: which resources are short (with what it needs and the site's capacity, not the
+/// Why a queued job waits: which resources are short (with what the job needs; not the site's capacity, nor the
 /// ever-changing usage) and whether it is really held back. Stable while the situation is, so a long queue does not
-/// rewrite every queued job's status at each admission. `ahead` are the demands of the jobs before it in the queue:
-/// if they and this job all fit, the site admits it in its next round (`behind` false, no Event: a burst of jobs on a
-/// roomy site is not "queued"); if something on the way does not fit, it is really queued.
+/// rewrite every queued job's status at each admission, nor at a change of the site's capacity that leaves it
+/// queued (issue 12: raising a capacity rewrote every queued job). `ahead` are the demands of the jobs before it in
+/// the queue: if they and this job all fit, the site admits it in its next round (`behind` false, no Event: a burst
+/// of jobs on a roomy site is not "queued"); if something on the way does not fit, it is really queued.
 pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> QueueNote {
+    queue_note_after(site, &Ahead::walk(site, ahead), want)
+}
+
+/// What the jobs ahead of one in its site's queue leave for it, as the site's next round would see them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ahead {
+    /// How many jobs are ahead.
+    pub jobs: usize,
+    /// One of them does not fit in the site's next round: everything behind it waits.
+    pub blocked: bool,
+    /// What the site holds once the next round admitted them all (meaningful when not `blocked`).
+    pub next_round: quota::Amount,
+}
+
+impl Ahead {
+    /// Walks `ahead` (the demands of the jobs before one, in queue order) the way the site's next round admits:
+    /// earlier jobs first, while they fit.
+    pub fn walk(site: &FLSite, ahead: &[Resources]) -> Self {
+        let mut a = Ahead::start(site);
+        for r in ahead {
+            a = a.then(site, r);
+        }
+        a
+    }
+
+    /// Nothing ahead yet: what the site's ledger holds now.
+    pub fn start(site: &FLSite) -> Self {
+        let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
+        Ahead { jobs: 0, blocked: false, next_round: quota::total(allocations) }
+    }
+
+    /// This, with one more job `r` ahead.
+    pub fn then(self, site: &FLSite, r: &Resources) -> Self {
+        let mut next = Ahead { jobs: self.jobs + 1, ..self };
+        if !self.blocked {
+            match quota::demand(r) {
+                Ok(d) if quota::shortfall(&site.spec.capacity, self.next_round, d).is_empty() => next.next_round = self.next_round + d,
+                _ => next.blocked = true,
+            }
+        }
+        next
+    }
+}
+
+/// [`queue_note`] for a job with `ahead` before it.
+pub fn queue_note_after(site: &FLSite, ahead: &Ahead, want: &Resources) -> QueueNote {
     let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
     let cap = &site.spec.capacity;
     let used = quota::total(allocations);
@@ -786,31 +857,23 @@ pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> Queue
         .filter_map(|phrase| phrase.split(':').next())
         .map(|name| {
             let q = |v: &Option<crate::api::Quantity>| v.as_ref().map_or("0".to_string(), |q| q.0.clone());
-            let limit = |v: Option<String>| v.unwrap_or_else(|| "unlimited".into());
             match name {
-                "jobs" => format!("jobs (capacity {})", limit(cap.jobs.map(|n| n.to_string()))),
-                "gpus" => format!("gpus (needs {}, capacity {})", want.gpus.unwrap_or(0), limit(cap.gpus.map(|n| n.to_string()))),
-                "cpu" => format!("cpu (needs {}, capacity {})", q(&want.cpu), limit(cap.cpu.as_ref().map(|c| c.0.clone()))),
-                other => format!("{other} (needs {}, capacity {})", q(&want.memory), limit(cap.memory.as_ref().map(|c| c.0.clone()))),
+                "jobs" => "jobs".to_string(),
+                "gpus" => format!("gpus (needs {})", want.gpus.unwrap_or(0)),
+                "cpu" => format!("cpu (needs {})", q(&want.cpu)),
+                other => format!("{other} (needs {})", q(&want.memory)),
             }
         })
         .collect();
-    // The site's next round, simulated: earlier jobs first, in order, while they fit.
-    let mut next_round = used;
-    let blocked = !short.is_empty()
-        || ahead.iter().chain(std::iter::once(want)).any(|r| match quota::demand(r) {
-            Ok(d) if quota::shortfall(cap, next_round, d).is_empty() => {
-                next_round = next_round + d;
-                false
-            }
-            _ => true,
-        });
+    // The site's next round, simulated: earlier jobs first, in order, while they fit; then this one.
+    let blocked = !short.is_empty() || ahead.then(site, want).blocked;
     let msg = if blocked {
         let mut msg = format!("waiting for quota at site {}", site.name_any());
         if !short.is_empty() {
             msg.push_str(&format!(": short of {}", short.join(", ")));
         }
-        msg.push_str(if ahead.is_empty() { "; next in line" } else { "; earlier jobs are ahead in the queue" });
+        msg.push_str(if ahead.jobs == 0 { "; next in line" } else { "; earlier jobs are ahead in the queue" });
+        msg.push_str(&format!(" (`kubectl get flsite {}` shows its capacity and use)", site.name_any()));
         msg
     } else {
         // The same words whether or not earlier jobs are ahead: a draining burst does not rewrite every status.

@@ -171,13 +171,13 @@ fn admission_records_allocation_then_creates_pod() {
 fn queued_job_says_why() {
     let job = mk_job("train", "site-a");
     let s = site();
-    let view = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote { behind: true, message: "waiting for quota at site site-a: short of jobs (capacity 4); next in line".into() } };
+    let view = SiteView::Found { site: &s, allocation: None, queue_note: QueueNote { behind: true, message: "waiting for quota at site site-a: short of jobs; next in line (`kubectl get flsite site-a` shows its capacity and use)".into() } };
     let d = decide(Input { job: &job, site: view, secrets: SecretsView::Ok, pod: PodView::NotFound, now: t(0) });
     assert_eq!(d.status.phase, Phase::Queued);
     assert_eq!(d.status.client_status.as_deref(), Some("not started"));
     let c = find_condition(&d.status.conditions, cond::ADMITTED).unwrap();
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Queued"));
-    assert!(c.message.contains("short of jobs (capacity 4)"));
+    assert!(c.message.contains("short of jobs; next in line"));
     assert!(is_true(&d.status.conditions, cond::RESOLVED));
 }
 
@@ -527,13 +527,16 @@ fn queue_note_names_what_is_short_and_stays_stable_as_usage_moves() {
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("a", 3)], ..Default::default() });
     let want = Resources { gpus: Some(2), ..Default::default() };
     let one_used = queue_note(&s, &[], &want);
-    assert_eq!(one_used.message, "waiting for quota at site site-a: short of gpus (needs 2, capacity 4); next in line");
+    assert_eq!(one_used.message, "waiting for quota at site site-a: short of gpus (needs 2); next in line (`kubectl get flsite site-a` shows its capacity and use)");
     assert!(one_used.behind);
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("b", 4)], ..Default::default() });
     assert_eq!(queue_note(&s, &[], &want), one_used, "the same words while the same thing is short");
+    s.spec.capacity.gpus = Some(5);
+    assert_eq!(queue_note(&s, &[], &want), one_used, "the same words after a capacity change that leaves it short");
+    s.spec.capacity.gpus = Some(4);
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![alloc("a", 1), alloc("b", 1)], ..Default::default() });
     let three = vec![want.clone(); 3];
-    assert_eq!(queue_note(&s, &three, &want).message, "waiting for quota at site site-a: short of jobs (capacity 2); earlier jobs are ahead in the queue");
+    assert_eq!(queue_note(&s, &three, &want).message, "waiting for quota at site site-a: short of jobs; earlier jobs are ahead in the queue (`kubectl get flsite site-a` shows its capacity and use)");
     s.status = Some(crate::api::FLSiteStatus::default());
     let fits = queue_note(&s, &[], &want);
     assert_eq!((fits.behind, fits.message.as_str()), (false, "fits at site site-a, as do the jobs ahead of it; admitted in the site's next rounds"));
@@ -551,7 +554,7 @@ fn a_job_behind_others_that_all_fit_is_not_queued_but_one_behind_a_blocked_job_i
     // The jobs ahead use up the pool: this one is really queued, though it alone would fit now.
     let n = queue_note(&s, &[one.clone(), one.clone(), Resources { gpus: Some(2), ..Default::default() }], &one);
     assert!(n.behind, "{n:?}");
-    assert_eq!(n.message, "waiting for quota at site site-a; earlier jobs are ahead in the queue");
+    assert_eq!(n.message, "waiting for quota at site site-a; earlier jobs are ahead in the queue (`kubectl get flsite site-a` shows its capacity and use)");
     // A big job ahead that does not fit now blocks the ones behind it.
     s.status = Some(crate::api::FLSiteStatus { allocations: vec![crate::api::Allocation { job: "a".into(), uid: "a".into(), gpus: 2, ..Default::default() }], ..Default::default() });
     let n = queue_note(&s, &[Resources { gpus: Some(3), ..Default::default() }], &one);
@@ -687,6 +690,30 @@ fn a_new_job_not_admitted_soon_is_written_as_queued() {
     let d = decide(input(&job, 3100));
     assert_eq!(quiet_admission(&job, &old, &d, &t(3100)), None, "too long without a status");
     assert_eq!(d.status.phase, Phase::Queued);
+    // A job first looked at long after its creation (a burst the operator is working through): the window counts
+    // from its check, the finalizer the operator added then, dated by the operator's managedFields entry.
+    let mut late = mk_job("late", "site-a");
+    late.metadata.creation_timestamp = Some(t(1000));
+    late.metadata.finalizers = None;
+    let d = decide(input(&late, 30_000));
+    assert_eq!(quiet_admission(&late, &old, &d, &t(30_000)), Some(Duration::from_millis(QUIET_ADMISSION_MS as u64)), "the reconcile that adds the finalizer");
+    drop(d);
+    let mut late = late.clone();
+    late.metadata.finalizers = Some(vec![crate::controller::FINALIZER.into()]);
+    let entry = |manager: &str, subresource: Option<&str>, at| k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+        manager: Some(manager.into()),
+        operation: Some("Update".into()),
+        subresource: subresource.map(Into::into),
+        time: Some(t(at)),
+        ..Default::default()
+    };
+    late.metadata.managed_fields = Some(vec![entry("kubectl-client-side-apply", None, 1000), entry(crate::api::MANAGER, None, 30_000), entry(crate::api::MANAGER, Some("status"), 31_900)]);
+    assert_eq!(checked_at(&late), Some(t(30_000)), "the operator's own change of the object, not its status, not kubectl's");
+    let d = decide(input(&late, 31_500));
+    assert_eq!(quiet_admission(&late, &old, &d, &t(31_500)), Some(Duration::from_millis(500)));
+    drop(d);
+    let d = decide(input(&late, 32_100));
+    assert_eq!(quiet_admission(&late, &old, &d, &t(32_100)), None, "2 s after the check");
     // A job whose check failed is always written (and the finalizer then never marks it).
     let mut job = mk_job("bad", "site-a");
     job.metadata.creation_timestamp = Some(t(1000));

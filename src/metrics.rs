@@ -69,6 +69,22 @@ pub struct AbortLabels {
     pub method: String,
 }
 
+/// Labels of an FLJob status write: the phase it moved from and to (equal when only conditions or times changed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusWriteLabels {
+    /// The phase before (`None` for a job's first status).
+    pub from: String,
+    /// The phase written.
+    pub to: String,
+}
+
+/// Labels of an Event sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// The Event's reason (Admitted, Succeeded, Queued, a failure's reason, ...).
+    pub reason: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     /// Reconciles run.
@@ -89,6 +105,10 @@ pub struct Metrics {
     pub queued: Family<QueueLabels, Gauge>,
     /// Time from abort request to completion.
     pub abort_duration: Family<AbortLabels, Histogram>,
+    /// FLJob status writes, by phase transition: where the writes per job go.
+    pub status_writes: Family<StatusWriteLabels, Counter>,
+    /// Events sent, by reason.
+    pub events: Family<EventLabels, Counter>,
     /// 1 while this replica leads.
     pub leader: Gauge<i64, AtomicI64>,
 }
@@ -114,6 +134,8 @@ impl Metrics {
             quota_capacity: Family::default(),
             queued: Family::default(),
             abort_duration: Family::new_with_constructor(abort_histogram as fn() -> Histogram),
+            status_writes: Family::default(),
+            events: Family::default(),
             leader: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("fljob");
@@ -126,6 +148,8 @@ impl Metrics {
         r.register("site_quota_capacity", "Quota capacity of a site (absent when unlimited)", m.quota_capacity.clone());
         r.register("site_queued_jobs", "Jobs waiting for quota", m.queued.clone());
         r.register("abort_duration_seconds", "Time from an abort's request to its completion, by method", m.abort_duration.clone());
+        r.register("status_writes", "FLJob status writes, by the phase they moved from and to", m.status_writes.clone());
+        r.register("events", "Events sent (or attempted), by reason", m.events.clone());
         r.register("leader", "1 while this replica is the leader", m.leader.clone());
         m
     }

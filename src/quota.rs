@@ -221,8 +221,10 @@ pub fn queue<'a>(capacity: &Capacity, allocations: &[Allocation], jobs: &'a [Job
 /// could never fit are left out of the queue: their reconciler fails them.
 pub fn plan(capacity: &Capacity, allocations: &[Allocation], jobs: &[JobView], now: &Time) -> Plan {
     let mut out = Plan::default();
+    // By uid: a ledger of A allocations and a site of N jobs is O(A + N), not O(A * N).
+    let by_uid: std::collections::HashMap<&str, &JobView> = jobs.iter().map(|j| (j.uid.as_str(), j)).collect();
     for a in allocations {
-        let job = jobs.iter().find(|j| j.uid == a.uid);
+        let job = by_uid.get(a.uid.as_str());
         if job.is_none_or(|j| j.done) {
             out.released.push(a.job.clone());
         } else {

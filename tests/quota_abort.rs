@@ -89,7 +89,7 @@ async fn thirty_jobs_never_exceed_a_capacity_of_four() {
     if st(&queued).phase == Phase::Queued {
         let c = find_condition(&st(&queued).conditions, "Admitted").unwrap().clone();
         assert!(c.message.starts_with("waiting for quota at site site-a"), "{}", c.message);
-        let why = ["short of jobs (capacity 4)", "ahead in the queue", "next in line"];
+        let why = ["short of jobs;", "ahead in the queue", "next in line"];
         assert!(why.iter().any(|w| c.message.contains(w)), "{}", c.message);
     }
     for i in 0..30 {

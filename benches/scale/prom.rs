@@ -68,6 +68,25 @@ pub fn operator_requests(text: &str) -> Requests {
     out
 }
 
+/// The operator's `fljob_status_writes_total`, keyed "from->to".
+pub fn status_writes(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (l, v) in samples(text, "fljob_status_writes_total") {
+        let key = format!("{}->{}", l.get("from").map_or("?", String::as_str), l.get("to").map_or("?", String::as_str));
+        *out.entry(key).or_default() += v;
+    }
+    out
+}
+
+/// The operator's `fljob_events_total`, by reason.
+pub fn events(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (l, v) in samples(text, "fljob_events_total") {
+        *out.entry(l.get("reason").cloned().unwrap_or_default()).or_default() += v;
+    }
+    out
+}
+
 /// The API server's `apiserver_request_total`, every client, resource requests only, summed over codes and scopes.
 /// APPLY (server-side apply) is a PATCH as the client sees it.
 pub fn apiserver_requests(text: &str) -> Requests {

@@ -1,7 +1,7 @@
 //! The FLJob controller: fetch (caches, plus a Secret check before admission) -> decide (`lifecycle::decide`, pure)
 //! -> apply (pod steps and one status write, only when it changed) -> publish Events for the transitions.
 
-use super::{Context, FINALIZER, Trigger, affected_by_site, allocation_resources};
+use super::{Context, FINALIZER, SiteChange, Trigger, allocation_resources};
 use crate::api::{FLJob, FLJobStatus, FLSite, MANAGER, millis, now};
 use crate::events::{Note, transitions};
 use crate::lifecycle::{self, Decision, Input, PodView, SecretsView, SiteView, Step, decide};
@@ -37,12 +37,13 @@ pub fn controller(
     Controller::for_stream(jobs, job_store)
         .owns_stream(pods.map(Ok))
         .watches_stream(sites.map(Ok), move |site: FLSite| {
-            let ns = site.namespace();
+            let ns = site.metadata.namespace.as_deref();
             let name = site.name_any();
+            let change = SiteChange::new(&site);
             mapper_store
                 .state()
                 .into_iter()
-                .filter(|j| j.spec.site == name && j.namespace() == ns && affected_by_site(j, &site))
+                .filter(|j| j.spec.site == name && j.metadata.namespace.as_deref() == ns && change.affects(j))
                 .map(|j| ObjectRef::from_obj(&*j))
                 .collect::<Vec<_>>()
         })
@@ -172,12 +173,8 @@ fn just_admitted(job: &FLJob) -> bool {
 }
 
 fn queue_note(ctx: &Context, ns: &str, site: &FLSite, job: &FLJob) -> lifecycle::QueueNote {
-    let views = ctx.job_views(ns, site);
-    let allocations = site.status.as_ref().map(|s| s.allocations.as_slice()).unwrap_or_default();
-    let queue = crate::quota::queue(&site.spec.capacity, allocations, &views);
-    let uid = job.uid().unwrap_or_default();
-    let ahead: Vec<_> = queue.iter().take_while(|v| v.uid != uid).map(|v| v.resources.clone()).collect();
-    lifecycle::queue_note(site, &ahead, &pod::effective_resources(job, site))
+    let ahead = ctx.queue_index(ns, site).ahead_of(job);
+    lifecycle::queue_note_after(site, &ahead, &pod::effective_resources(job, site))
 }
 
 /// Checks that the Secrets the pod will read exist and have their keys. Only key names are looked at.
@@ -232,7 +229,9 @@ async fn add_finalizer(api: &Api<FLJob>, job: &FLJob) -> Result<()> {
         ])
     };
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|e| Error::Serialize("finalizer patch", e))?;
-    api.patch(&job.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+    // As the operator's field manager: its managedFields entry then dates the check (`lifecycle::checked_at`).
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+    api.patch(&job.name_any(), &params, &Patch::<()>::Json(patch))
         .await
         .map_err(kube_err("add finalizer"))?;
     Ok(())
@@ -444,7 +443,12 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
         "status": new,
     });
     let rv = match api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
-        Ok(written) => written.resource_version(),
+        Ok(written) => {
+            let from = job.status.as_ref().map_or("None".to_string(), |s| format!("{:?}", s.phase));
+            let labels = crate::metrics::StatusWriteLabels { from, to: format!("{:?}", new.phase) };
+            ctx.metrics.status_writes.get_or_create(&labels).inc();
+            written.resource_version()
+        }
         Err(kube::Error::Api(s)) if s.code == 409 => return Err(Error::Conflict(format!("FLJob {}", job.name_any()))),
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
         Err(e) => return Err(kube_err("write fljob status")(e)),
@@ -453,10 +457,10 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
     if !notes.is_empty() {
         // Off the reconcile's path: the status is the record, an Event is news about it. A reconcile that waited for
         // its Event POSTs would hold a worker slot for them (issue 12: that wait was most of a burst's makespan).
-        let (recorder, reference) = (ctx.recorder.clone(), job.object_ref(&()));
+        let (recorder, reference, metrics) = (ctx.recorder.clone(), job.object_ref(&()), ctx.metrics.clone());
         tokio::spawn(async move {
             for note in notes {
-                send(&recorder, &reference, &note).await;
+                send(&recorder, &metrics, &reference, &note).await;
             }
         });
     }
@@ -469,10 +473,16 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
 }
 
 async fn publish(ctx: &Context, job: &FLJob, note: &Note) {
-    send(&ctx.recorder, &job.object_ref(&()), note).await;
+    send(&ctx.recorder, &ctx.metrics, &job.object_ref(&()), note).await;
 }
 
-async fn send(recorder: &kube::runtime::events::Recorder, reference: &k8s_openapi::api::core::v1::ObjectReference, note: &Note) {
+async fn send(
+    recorder: &kube::runtime::events::Recorder,
+    metrics: &crate::metrics::Metrics,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    note: &Note,
+) {
+    metrics.events.get_or_create(&crate::metrics::EventLabels { reason: note.reason.clone() }).inc();
     let ev = Event {
         type_: if note.warning { EventType::Warning } else { EventType::Normal },
         reason: note.reason.clone(),
