@@ -19,6 +19,12 @@ Usage::
     job_id = p.submit(job_dir)
     p.wait_job(job_id, timeout=120)             # -> "FINISHED:COMPLETED"
     p.stop()
+
+Studies (NVFlare 2.9.0): ``Project(..., studies={"s": {"site_orgs": {"nvidia": ["site-1"]}, "admins": [ADMIN]}})``
+provisions them (project.yml ``api_version: 4``; the server's ``local/study_registry.json``). A job belongs to the
+study of the admin session that submits it: the server sets ``meta["study"]`` to the session's active study whatever
+the job's meta.json says (``nvflare job submit --study s`` opens such a session), and only a session of that study
+sees the job. So ``p.submit(job_dir, study="s")``, and ``p.wait_job(job_id, study="s")``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from nvflare.apis.job_def import DEFAULT_STUDY
 
 HOST = "127.0.0.1"
 SERVER_NAME = "localhost"  # the server's cert CN and the host clients connect to (resolves to 127.0.0.1)
@@ -78,6 +86,7 @@ class Project:
         client: str = "site-1",
         parent_conn_sec: str = "mtls",
         python: str = sys.executable,
+        studies: Optional[dict] = None,
     ):
         self.base = Path(base_dir).resolve()
         self.fl_port = fl_port
@@ -86,8 +95,9 @@ class Project:
         self.client = client
         self.parent_conn_sec = parent_conn_sec
         self.python = python
+        self.studies = dict(studies or {})
         self.procs: Dict[str, subprocess.Popen] = {}
-        self._session = None
+        self._sessions: Dict[str, object] = {}  # study -> admin session (a session sees its own study's jobs only)
 
     # ----- layout ----------------------------------------------------------------------------------------------
 
@@ -122,11 +132,13 @@ class Project:
         shutil.rmtree(self.base / "prov", ignore_errors=True)
         self.base.mkdir(parents=True, exist_ok=True)
         project_yml = self.base / "project.yml"
+        # `studies:` needs api_version 4 (NVFlare 2.9.0); JSON is YAML
+        studies = f"studies: {json.dumps(self.studies)}\n" if self.studies else ""
         project_yml.write_text(
-            f"""api_version: 3
+            f"""api_version: {4 if self.studies else 3}
 name: {PROJECT}
 description: fljob-operator e2e
-participants:
+{studies}participants:
   - name: {SERVER_NAME}
     type: server
     org: nvidia
@@ -268,17 +280,17 @@ builders:
                 last = info
             except Exception as e:  # server not up yet
                 last = e
-                self._session = None
+                self._sessions.pop(DEFAULT_STUDY, None)
             time.sleep(1.0)
         raise TimeoutError(f"client {self.client} not registered after {timeout} s: {last}")
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self._session is not None:
+        for sess in self._sessions.values():
             try:
-                self._session.close()
+                sess.close()
             except Exception:
                 pass
-            self._session = None
+        self._sessions.clear()
         for name in ("client", "server"):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
@@ -300,28 +312,34 @@ builders:
 
     # ----- admin API -------------------------------------------------------------------------------------------
 
-    def session(self):
-        if self._session is None:
+    def session(self, study: str = DEFAULT_STUDY):
+        """The admin session whose active study is `study` (the login fails unless the study is provisioned and
+        ADMIN is one of its admins)."""
+        if study not in self._sessions:
             from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-            self._session = new_secure_session(ADMIN, str(self.admin_kit), timeout=10.0)
-        return self._session
+            self._sessions[study] = new_secure_session(ADMIN, str(self.admin_kit), timeout=10.0, study=study)
+        return self._sessions[study]
 
-    def submit(self, job_dir) -> str:
-        return self.session().submit_job(str(job_dir))
+    def submit(self, job_dir, study: str = DEFAULT_STUDY) -> str:
+        return self.session(study).submit_job(str(job_dir))
 
-    def job_meta(self, job_id: str) -> dict:
-        return self.session().get_job_meta(job_id)
+    def job_meta(self, job_id: str, study: str = DEFAULT_STUDY) -> dict:
+        return self.session(study).get_job_meta(job_id)
 
-    def job_status(self, job_id: str) -> str:
-        return str(self.job_meta(job_id).get("status"))
+    def job_status(self, job_id: str, study: str = DEFAULT_STUDY) -> str:
+        return str(self.job_meta(job_id, study).get("status"))
 
-    def wait_job(self, job_id: str, timeout: float = 180.0, poll: float = 0.5) -> str:
+    def download_job_result(self, job_id: str, destination, study: str = DEFAULT_STUDY) -> str:
+        """The job's stored result (meta, job and the server's workspace, unzipped) under `destination`."""
+        return self.session(study).download_job_result(job_id, str(destination))
+
+    def wait_job(self, job_id: str, timeout: float = 180.0, poll: float = 0.5, study: str = DEFAULT_STUDY) -> str:
         """Poll the server until the job is FINISHED:*; returns that status."""
         deadline = time.monotonic() + timeout
         status = None
         while time.monotonic() < deadline:
-            status = self.job_status(job_id)
+            status = self.job_status(job_id, study)
             if status.startswith("FINISHED"):
                 return status
             time.sleep(poll)
@@ -491,4 +509,50 @@ def abort_task_job(parent_dir, name: str, rounds: int = 2, wait_rounds=(0,), wai
     _write_json(app / "config" / "config_fed_client.json", client)
     (app / "custom").mkdir(parents=True, exist_ok=True)
     (app / "custom" / "abortable_trainer.py").write_text(_ABORTABLE_TRAINER)
+    return job
+
+
+# The job's own trainer for study_job (app/custom/study_trainer.py): each round's update is the number in its study's
+# dataset file times the number in an env var of its study, so the job's result depends on both.
+_STUDY_TRAINER = '''"""A numpy trainer that reads its study's dataset file and env var (fljob-operator e2e)."""
+
+import os
+
+from nvflare.app_common.np.np_trainer import NPTrainer
+
+
+class StudyTrainer(NPTrainer):
+    def __init__(self, data_file, scale_env):
+        super().__init__()
+        self.data_file = data_file
+        self.scale_env = scale_env
+
+    def execute(self, task_name, shareable, fl_ctx, abort_signal):
+        if task_name == "train":
+            # No fallback: without the study's mount or env the task fails, and so does the job.
+            with open(self.data_file) as f:
+                text = f.read().strip()
+            scale = os.environ[self.scale_env]
+            self._delta = float(text.split()[0]) * float(scale)
+            self.log_info(fl_ctx, f"StudyTrainer: read {self.data_file}: {text!r}; {self.scale_env}={scale!r}; "
+                                  f"delta {self._delta}")
+        return super().execute(task_name, shareable, fl_ctx, abort_signal)
+'''
+
+
+def study_job(parent_dir, name: str, data_file: str, scale_env: str, rounds: int = 2) -> Path:
+    """A ScatterAndGather numpy job whose client executor is the job's own StudyTrainer (app/custom/, BYOC): the
+    train task adds (first number in `data_file`) x (env `scale_env`) to the model. NPModelPersistor starts from
+    [[1, 2, 3], [4, 5, 6], [7, 8, 9]], so with one client the server's final model is that + rounds x delta."""
+    job = numpy_job(parent_dir, name, rounds=rounds)
+    app = job / "app"
+    client = json.loads((app / "config" / "config_fed_client.json").read_text())
+    client["executors"][0]["executor"] = {
+        "id": "Executor",
+        "path": "study_trainer.StudyTrainer",
+        "args": {"data_file": data_file, "scale_env": scale_env},
+    }
+    _write_json(app / "config" / "config_fed_client.json", client)
+    (app / "custom").mkdir(parents=True, exist_ok=True)
+    (app / "custom" / "study_trainer.py").write_text(_STUDY_TRAINER)
     return job

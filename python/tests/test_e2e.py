@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from nvflare.apis.job_def import DEFAULT_STUDY
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +56,12 @@ TRAIN_MARK = "Task name: train"  # NPTrainer logs it when it gets the train task
 RESOURCES = {"cpu": "500m", "memory": "1Gi"}
 ABORT_GRACE = 30
 DEADLINE_AHEAD = 5  # s: scenario "i" sets activeDeadlineSeconds to pass this long after its patch
+# Scenario "k": the study of the fljob project, its dataset (a PVC) and its env var, as the site's
+# local/study_runtime.yaml defines them; the job's StudyTrainer adds (the number in the dataset file) x (the env
+# var) per round.
+STUDY, DATASET = "e2e-k", "numbers"
+SCALE_ENV, SCALE, DELTA = "E2E_STUDY_SCALE", "2", "1.5"
+K_ROUNDS = 2
 
 
 # ----- environment ------------------------------------------------------------------------------------------------
@@ -398,11 +406,11 @@ class Admin:
 
         return call
 
-    def wait_job(self, job_id, timeout):
+    def wait_job(self, job_id, timeout, study=DEFAULT_STUDY):
         deadline = time.monotonic() + timeout
         status = None
         while time.monotonic() < deadline:
-            status = self.job_status(job_id)
+            status = self.job_status(job_id, study=study)
             if status.startswith("FINISHED"):
                 return status
             time.sleep(0.5)
@@ -415,7 +423,9 @@ class Admin:
 def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told in order
     from kubernetes import client
 
-    from e2e.poc import Project, abort_task_job, free_ports, numpy_job
+    import numpy as np
+
+    from e2e.poc import ADMIN, Project, abort_task_job, free_ports, numpy_job, study_job
     from fljob_launcher import fljob_name
 
     t_total = time.monotonic()
@@ -442,7 +452,9 @@ def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told i
 
         # --- two NVFlare projects on 127.0.0.1 --------------------------------------------------------------
         ports = free_ports(7)
-        p = Project(work / "fljob", ports[0], ports[1], ports[2], client=CLIENT)
+        # the fljob project has one study besides "default" (scenario k): site-1 is in it, the admin may use it
+        p = Project(work / "fljob", ports[0], ports[1], ports[2], client=CLIENT,
+                    studies={STUDY: {"site_orgs": {"nvidia": [CLIENT]}, "admins": [ADMIN]}})
         ps = Project(work / "stock", ports[3], ports[4], ports[5], client=STOCK_CLIENT)
         t0 = time.monotonic()
         th = [threading.Thread(target=x.provision) for x in (p, ps)]
@@ -545,6 +557,15 @@ spec:
         cleanup.append(lambda: kubectl(env, "delete", "--ignore-not-found", "-f", str(work / "stock-policy.yaml"),
                                        check=False))
         time.sleep(1.5)  # the policy reaches the API server's admission chain asynchronously
+
+        # --- the study's runtime at the site (scenario k): NVFlare 2.9.0's local/study_runtime.yaml in the client
+        # parent's workspace. The launcher reads it at each launch; jobs of other studies ("default") get nothing.
+        study_pvc = f"{STUDY}-{DATASET}"
+        study_runtime = {"format_version": 2, "studies": {STUDY: {
+            "datasets": {DATASET: {"type": "mount", "source": study_pvc, "mode": "ro"}},
+            "env": {SCALE_ENV: SCALE},
+        }}}
+        (p.client_ws / "local" / "study_runtime.yaml").write_text(yaml.safe_dump(study_runtime))
 
         # --- the client parents' launchers, then start both projects ---------------------------------------
         trigger_spool = work / "abort-task-spool"
@@ -975,6 +996,111 @@ spec:
         run("j", scenario_j)
         log(f"phase 4 (j) {time.monotonic() - t_phase:.1f} s")
 
+        # --- (k) a study: its dataset on a PVC (a static hostPath PV on the real node) and its env var -------------
+        def scenario_k():
+            """study_runtime.yaml (above) gives study STUDY the dataset DATASET, the PVC study_pvc read-only, and
+            the env SCALE_ENV. The PVC is bound to a PersistentVolume of its own StorageClass name whose hostPath is
+            a directory of the real node holding delta.txt (the pod has no hostPath: Pod Security `restricted`
+            forbids it). A job submitted in the study (an admin session whose active study it is, as `nvflare job
+            submit --study` opens) gets the mount and the env in its FLJob's spec.podTemplate; its own StudyTrainer
+            reads both each round, and the server's model is what they make it."""
+            nonce = f"k-{suffix}"
+            data_dir = Path(tempfile.mkdtemp(prefix=f"fljob-e2e-{suffix}-"))
+            cleanup.append(lambda: shutil.rmtree(data_dir, ignore_errors=True))
+            data_dir.chmod(0o755)  # the worker runs as uid 1000
+            (data_dir / "delta.txt").write_text(f"{DELTA} {nonce}\n")
+            (data_dir / "delta.txt").chmod(0o644)
+            pv, sc = f"fljob-e2e-{suffix}-{DATASET}", f"fljob-e2e-{suffix}"
+            core.create_persistent_volume({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": pv, "labels": {"fljob.dev/test": "true"}},
+                "spec": {
+                    "capacity": {"storage": "10Mi"}, "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain", "storageClassName": sc,
+                    "hostPath": {"path": str(data_dir), "type": "Directory"},
+                    "claimRef": {"namespace": ns, "name": study_pvc},  # for this claim only
+                    # the directory is on the real node only
+                    "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                        {"key": REAL_LABEL, "operator": "In", "values": ["true"]}]}]}},
+                },
+            })
+            cleanup.append(lambda: core.delete_persistent_volume(pv))
+            core.create_namespaced_persistent_volume_claim(ns, {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": study_pvc},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": sc, "volumeName": pv,
+                         "resources": {"requests": {"storage": "10Mi"}}},
+            })
+            t_bind = time.monotonic()
+            claim = wait_for(lambda: (lambda c: c if c.status.phase == "Bound" else None)(
+                core.read_namespaced_persistent_volume_claim(study_pvc, ns)), 60, f"PVC {study_pvc} Bound")
+            bound_in = time.monotonic() - t_bind
+
+            data_file = f"/data/{STUDY}/{DATASET}/delta.txt"  # NVFlare's mount path: /data/<study>/<dataset>
+            t = time.monotonic()
+            job_id = adm.submit(study_job(jobs_dir, "k-study", data_file=data_file, scale_env=SCALE_ENV,
+                                          rounds=K_ROUNDS), study=STUDY)
+            status = adm.wait_job(job_id, 180, study=STUDY)
+            wall = time.monotonic() - t
+            o = wait_fljob_terminal(job_id)
+            st = o["status"]
+            meta_study = adm.job_meta(job_id, study=STUDY).get("study")
+            # the FLJob, as the launcher filled it in
+            vname = f"data-{STUDY}-{DATASET}"
+            mount_path = f"/data/{STUDY}/{DATASET}"
+            tspec = ((o["spec"].get("podTemplate") or {}).get("spec")) or {}
+            vol = next((v for v in tspec.get("volumes") or [] if v.get("name") == vname), None)
+            mount = next((m for m in tspec.get("volumeMounts") or [] if m.get("mountPath") == mount_path), None)
+            fenv = [e for e in tspec.get("env") or [] if e.get("name") == SCALE_ENV]
+            # the worker pod the operator made of it
+            pod_name = st.get("podName")
+            pod = core.read_namespaced_pod(pod_name, ns)
+            pvol = next((v for v in pod.spec.volumes or [] if v.name == vname), None)
+            pclaim = pvol.persistent_volume_claim if pvol else None
+            ctr = pod.spec.containers[0]
+            pmount = next((m for m in ctr.volume_mounts or [] if m.mount_path == mount_path), None)
+            penv = [(e.name, e.value) for e in ctr.env or [] if e.name == SCALE_ENV]
+            cs = (pod.status.container_statuses or [None])[0]
+            term = cs.state.terminated.exit_code if cs and cs.state and cs.state.terminated else None
+            # what the worker read, in its log (through the API)
+            text = pod_log(pod_name)
+            want_line = (f"StudyTrainer: read {data_file}: {f'{DELTA} {nonce}'!r}; {SCALE_ENV}={SCALE!r}; "
+                         f"delta {float(DELTA) * float(SCALE)}")
+            lines = [ln for ln in text.splitlines() if "StudyTrainer: read" in ln]
+            # the server's final model, from the job's result as the admin downloads it
+            result = adm.download_job_result(job_id, work / "k-result", study=STUDY)
+            models = sorted(Path(result).rglob("server.npy")) if result else []
+            final = [np.load(m).tolist() for m in models]
+            # NPModelPersistor's initial model, + rounds x delta (one client: the aggregate is its update)
+            expected = (np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=float)
+                        + K_ROUNDS * float(DELTA) * float(SCALE)).tolist()
+            return {
+                "job_id": job_id, "study": meta_study, "server": status, "phase": st.get("phase"),
+                "exit": st.get("exitCode"), "container_exit": term, "pod": pod_name, "node": pod.spec.node_name,
+                "pvc": f"{study_pvc} -> {claim.spec.volume_name} ({sc})", "pvc_bound_s": round(bound_in, 1),
+                "fljob_volume": vol, "fljob_mount": mount, "fljob_env": fenv,
+                "pod_claim": (pclaim.claim_name, pclaim.read_only) if pclaim else None,
+                "pod_mount": (pmount.name, pmount.mount_path, pmount.read_only) if pmount else None,
+                "pod_env": penv, "log_lines": lines, "final_model": final, "submit_to_server_end": round(wall, 1),
+                "ok_pvc_bound": claim.spec.volume_name == pv,
+                "ok_study": meta_study == STUDY,
+                "ok_fljob_volume": vol == {"name": vname,
+                                           "persistentVolumeClaim": {"claimName": study_pvc, "readOnly": True}},
+                "ok_fljob_mount": mount == {"name": vname, "mountPath": mount_path, "readOnly": True},
+                "ok_fljob_env": fenv == [{"name": SCALE_ENV, "value": SCALE}],
+                "ok_pod_claim": bool(pclaim) and (pclaim.claim_name, pclaim.read_only) == (study_pvc, True),
+                "ok_pod_mount": bool(pmount) and (pmount.name, pmount.read_only) == (vname, True),
+                "ok_pod_env": penv == [(SCALE_ENV, SCALE)],
+                "ok_real_node": pod.spec.node_name == env["node"],
+                "ok_log": len(lines) == K_ROUNDS and all(want_line in ln for ln in lines),
+                "ok_result": bool(final) and all(np.allclose(f, expected) for f in final),
+                "ok_server": status == "FINISHED:COMPLETED",
+                "ok_fljob": st.get("phase") == "Succeeded" and st.get("exitCode") == 0 == term,
+            }
+
+        t_phase = time.monotonic()
+        run("k", scenario_k)
+        log(f"phase 5 (k) {time.monotonic() - t_phase:.1f} s")
+
         # every FLJob pod of the run: exactly one per FLJob, all on the real node
         pods_per_job = {k: len(v) for k, v in pods_w.pod_uids.items()}
         results["pods_per_fljob"] = pods_per_job
@@ -1064,7 +1190,7 @@ def print_report(results, total):
     print(f"  operator:     {a.get('operator_by')}")
     print(f"  stock parent: {s.get('parent_by')}")
     print("\n=== scenarios ===")
-    for k in ("a", "b", "c", "d", "e", "h", "i", "f", "g", "j", "stock"):
+    for k in ("a", "b", "c", "d", "e", "h", "i", "f", "g", "j", "k", "stock"):
         r = results.get(k)
         if r is None:
             print(f"{k}: not run")
