@@ -799,7 +799,10 @@ fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
 /// rewrite every queued job's status at each admission, nor at a change of the site's capacity that leaves it
 /// queued (issue 12: raising a capacity rewrote every queued job). `ahead` are the demands of the jobs before it in
 /// the queue: if they and this job all fit, the site admits it in its next round (`behind` false, no Event: a burst
-/// of jobs on a roomy site is not "queued"); if something on the way does not fit, it is really queued.
+/// of jobs on a roomy site is not "queued"); if something on the way does not fit, it is really queued. The
+/// controller answers from its queue index ([`queue_note_after`]); this walk is the oracle the index is tested
+/// against.
+#[cfg(test)]
 pub fn queue_note(site: &FLSite, ahead: &[Resources], want: &Resources) -> QueueNote {
     queue_note_after(site, &Ahead::walk(site, ahead), want)
 }
@@ -818,6 +821,7 @@ pub struct Ahead {
 impl Ahead {
     /// Walks `ahead` (the demands of the jobs before one, in queue order) the way the site's next round admits:
     /// earlier jobs first, while they fit.
+    #[cfg(test)]
     pub fn walk(site: &FLSite, ahead: &[Resources]) -> Self {
         let mut a = Ahead::start(site);
         for r in ahead {
