@@ -210,6 +210,52 @@ def node_placement(env):
     }
 
 
+def real_node_pod_policy(name, ns, pull_if_not_present=False, object_labels=None):
+    """A MutatingAdmissionPolicy (and its binding) that sends the pods of namespace `ns` (and, with
+    `object_labels`, only those carrying them) to the real node, with the container securityContext Pod Security
+    `restricted` wants; `pull_if_not_present` also sets imagePullPolicy (there is no registry). Test cluster only.
+    The patch list is joined from short lists with `+`: one list literal holding the nodeSelector, the tolerations
+    list and the securityContext patches made kube-apiserver 1.34.12 panic in cel-go's ConvertToNative (seen)."""
+    pull = ("JSONPatch{op: 'replace', path: '/spec/containers/0/imagePullPolicy', value: 'IfNotPresent'}, "
+            if pull_if_not_present else "")
+    mutate = (
+        "[JSONPatch{op: 'add', path: '/spec/nodeSelector', value: {'fljob.dev/real-node': 'true'}}] + "
+        "(has(object.spec.tolerations) ? "
+        "[JSONPatch{op: 'add', path: '/spec/tolerations/-', value: Object.spec.tolerations{key: "
+        "'fljob.dev/real-node', operator: 'Equal', value: 'true', effect: 'NoSchedule'}}] : "
+        "[JSONPatch{op: 'add', path: '/spec/tolerations', value: [Object.spec.tolerations{key: "
+        "'fljob.dev/real-node', operator: 'Equal', value: 'true', effect: 'NoSchedule'}]}]) + ["
+        + pull +
+        "JSONPatch{op: 'add', path: '/spec/containers/0/securityContext', value: "
+        "Object.spec.containers.securityContext{allowPrivilegeEscalation: false, "
+        "capabilities: Object.spec.containers.securityContext.capabilities{drop: ['ALL']}}}]"
+    )
+    objects = f"\n    objectSelector:\n      matchLabels: {json.dumps(object_labels)}" if object_labels else ""
+    return f"""
+apiVersion: admissionregistration.k8s.io/v1beta1
+kind: MutatingAdmissionPolicy
+metadata: {{name: {name}}}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {{apiGroups: [""], apiVersions: ["v1"], operations: ["CREATE"], resources: ["pods"]}}
+  failurePolicy: Fail
+  reinvocationPolicy: Never
+  mutations:
+  - patchType: JSONPatch
+    jsonPatch:
+      expression: {json.dumps(mutate)}
+---
+apiVersion: admissionregistration.k8s.io/v1beta1
+kind: MutatingAdmissionPolicyBinding
+metadata: {{name: {name}}}
+spec:
+  policyName: {name}
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns}}}{objects}
+"""
+
 class Watcher(threading.Thread):
     """Watches one kind in a namespace and keeps what the test checks afterwards: every pod UID ever seen (with
     its owner), every FLJob phase ever seen, in order, and the last FLJob seen (for a deleted one: the object of its
@@ -516,42 +562,7 @@ def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told i
         # securityContext (Pod Security restricted wants one) and imagePullPolicy Always (there is no registry):
         # a MutatingAdmissionPolicy bound to namespace B only adds what the real node and `restricted` need.
         placement = node_placement(env)
-        mutate = (
-            "[JSONPatch{op: 'add', path: '/spec/nodeSelector', value: {'fljob.dev/real-node': 'true'}}] + "
-            "(has(object.spec.tolerations) ? "
-            "[JSONPatch{op: 'add', path: '/spec/tolerations/-', value: Object.spec.tolerations{key: "
-            "'fljob.dev/real-node', operator: 'Equal', value: 'true', effect: 'NoSchedule'}}] : "
-            "[JSONPatch{op: 'add', path: '/spec/tolerations', value: [Object.spec.tolerations{key: "
-            "'fljob.dev/real-node', operator: 'Equal', value: 'true', effect: 'NoSchedule'}]}]) + "
-            "[JSONPatch{op: 'replace', path: '/spec/containers/0/imagePullPolicy', value: 'IfNotPresent'}, "
-            "JSONPatch{op: 'add', path: '/spec/containers/0/securityContext', value: "
-            "Object.spec.containers.securityContext{allowPrivilegeEscalation: false, "
-            "capabilities: Object.spec.containers.securityContext.capabilities{drop: ['ALL']}}}]"
-        )
-        policy_yaml = f"""
-apiVersion: admissionregistration.k8s.io/v1beta1
-kind: MutatingAdmissionPolicy
-metadata: {{name: {policy}}}
-spec:
-  matchConstraints:
-    resourceRules:
-    - {{apiGroups: [""], apiVersions: ["v1"], operations: ["CREATE"], resources: ["pods"]}}
-  failurePolicy: Fail
-  reinvocationPolicy: Never
-  mutations:
-  - patchType: JSONPatch
-    jsonPatch:
-      expression: {json.dumps(mutate)}
----
-apiVersion: admissionregistration.k8s.io/v1beta1
-kind: MutatingAdmissionPolicyBinding
-metadata: {{name: {policy}}}
-spec:
-  policyName: {policy}
-  matchResources:
-    namespaceSelector:
-      matchLabels: {{kubernetes.io/metadata.name: {ns_stock}}}
-"""
+        policy_yaml = real_node_pod_policy(policy, ns_stock, pull_if_not_present=True)
         (work / "stock-policy.yaml").write_text(policy_yaml)
         kubectl(env, "apply", "-f", str(work / "stock-policy.yaml"))
         cleanup.append(lambda: kubectl(env, "delete", "--ignore-not-found", "-f", str(work / "stock-policy.yaml"),
@@ -1263,43 +1274,7 @@ def test_e2e_parent_from_deploy_prepare_chart(env, tmp_path_factory):  # noqa: C
         # test cluster only: the parent's pod to the real node, with the container securityContext `restricted`
         # wants (the chart sets none); bound to that pod alone, so the worker pods keep the operator's shape
         policy = f"fljob-e2e-deploy-{suffix}"
-        mutate = (
-            "[JSONPatch{op: 'add', path: '/spec/nodeSelector', value: {'fljob.dev/real-node': 'true'}}] + "
-            "(has(object.spec.tolerations) ? "
-            "[JSONPatch{op: 'add', path: '/spec/tolerations/-', value: Object.spec.tolerations{key: "
-            "'fljob.dev/real-node', operator: 'Equal', value: 'true', effect: 'NoSchedule'}}] : "
-            "[JSONPatch{op: 'add', path: '/spec/tolerations', value: [Object.spec.tolerations{key: "
-            "'fljob.dev/real-node', operator: 'Equal', value: 'true', effect: 'NoSchedule'}]}]) + "
-            "[JSONPatch{op: 'add', path: '/spec/containers/0/securityContext', value: "
-            "Object.spec.containers.securityContext{allowPrivilegeEscalation: false, "
-            "capabilities: Object.spec.containers.securityContext.capabilities{drop: ['ALL']}}}]"
-        )
-        policy_yaml = f"""
-apiVersion: admissionregistration.k8s.io/v1beta1
-kind: MutatingAdmissionPolicy
-metadata: {{name: {policy}}}
-spec:
-  matchConstraints:
-    resourceRules:
-    - {{apiGroups: [""], apiVersions: ["v1"], operations: ["CREATE"], resources: ["pods"]}}
-  failurePolicy: Fail
-  reinvocationPolicy: Never
-  mutations:
-  - patchType: JSONPatch
-    jsonPatch:
-      expression: {json.dumps(mutate)}
----
-apiVersion: admissionregistration.k8s.io/v1beta1
-kind: MutatingAdmissionPolicyBinding
-metadata: {{name: {policy}}}
-spec:
-  policyName: {policy}
-  matchResources:
-    namespaceSelector:
-      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
-    objectSelector:
-      matchLabels: {{app.kubernetes.io/name: {site}}}
-"""
+        policy_yaml = real_node_pod_policy(policy, ns, object_labels={"app.kubernetes.io/name": site})
         (work / "parent-policy.yaml").write_text(policy_yaml)
         kubectl(env, "apply", "-f", str(work / "parent-policy.yaml"))
         cleanup.append(lambda: kubectl(env, "delete", "--ignore-not-found", "-f", str(work / "parent-policy.yaml"),
