@@ -256,6 +256,29 @@ spec:
       matchLabels: {{kubernetes.io/metadata.name: {ns}}}{objects}
 """
 
+def real_node_claim(core, ns, claim, pv, sc, path, size, cleanup):
+    """PVC `claim` in `ns`, bound to a static PersistentVolume `pv` of its own StorageClass name `sc` whose hostPath
+    `path` is a directory of the real node (node affinity to it; reserved for this claim). The pod using the claim
+    has no hostPath itself, which Pod Security `restricted` forbids. The PV's deletion goes onto `cleanup`."""
+    core.create_persistent_volume({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": pv, "labels": {"fljob.dev/test": "true"}},
+        "spec": {
+            "capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": sc,
+            "hostPath": {"path": str(path), "type": "Directory"},
+            "claimRef": {"namespace": ns, "name": claim},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": REAL_LABEL, "operator": "In", "values": ["true"]}]}]}},
+        },
+    })
+    cleanup.append(lambda: core.delete_persistent_volume(pv))
+    core.create_namespaced_persistent_volume_claim(ns, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": sc, "volumeName": pv,
+                 "resources": {"requests": {"storage": size}}},
+    })
+
 class Watcher(threading.Thread):
     """Watches one kind in a namespace and keeps what the test checks afterwards: every pod UID ever seen (with
     its owner), every FLJob phase ever seen, in order, and the last FLJob seen (for a deleted one: the object of its
@@ -1022,25 +1045,7 @@ def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told i
             (data_dir / "delta.txt").write_text(f"{DELTA} {nonce}\n")
             (data_dir / "delta.txt").chmod(0o644)
             pv, sc = f"fljob-e2e-{suffix}-{DATASET}", f"fljob-e2e-{suffix}"
-            core.create_persistent_volume({
-                "apiVersion": "v1", "kind": "PersistentVolume",
-                "metadata": {"name": pv, "labels": {"fljob.dev/test": "true"}},
-                "spec": {
-                    "capacity": {"storage": "10Mi"}, "accessModes": ["ReadWriteOnce"],
-                    "persistentVolumeReclaimPolicy": "Retain", "storageClassName": sc,
-                    "hostPath": {"path": str(data_dir), "type": "Directory"},
-                    "claimRef": {"namespace": ns, "name": study_pvc},  # for this claim only
-                    # the directory is on the real node only
-                    "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                        {"key": REAL_LABEL, "operator": "In", "values": ["true"]}]}]}},
-                },
-            })
-            cleanup.append(lambda: core.delete_persistent_volume(pv))
-            core.create_namespaced_persistent_volume_claim(ns, {
-                "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": study_pvc},
-                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": sc, "volumeName": pv,
-                         "resources": {"requests": {"storage": "10Mi"}}},
-            })
+            real_node_claim(core, ns, study_pvc, pv, sc, data_dir, "10Mi", cleanup)
             t_bind = time.monotonic()
             claim = wait_for(lambda: (lambda c: c if c.status.phase == "Bound" else None)(
                 core.read_namespaced_persistent_volume_claim(study_pvc, ns)), 60, f"PVC {study_pvc} Bound")
@@ -1120,21 +1125,7 @@ def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told i
     finally:
         for w in watchers:
             w.stop_flag.set()
-        # FLJobs go while the operator still runs (it owns their cleanup finalizer)
-        try:
-            if operator and operator.proc and operator.proc.poll() is None:
-                custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, "fljobs")
-                _true_within(lambda: not custom.list_namespaced_custom_object(
-                    GROUP, VERSION, ns, "fljobs").get("items"), 30)
-        except Exception as e:  # noqa: BLE001
-            log(f"cleanup of FLJobs: {e}")
-        for fn in reversed(cleanup):
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001
-                log(f"cleanup: {e}")
-        if operator:
-            operator.stop()
+        tear_down(custom, ns, operator, cleanup)
         try:
             for n in (ns,):
                 for o in custom.list_namespaced_custom_object(GROUP, VERSION, n, "fljobs").get("items") or []:
@@ -1172,6 +1163,7 @@ def test_e2e_parent_from_deploy_prepare_chart(env, tmp_path_factory):  # noqa: C
     from kubernetes import client
 
     from e2e.poc import Project, free_ports, numpy_job
+    from fljob_launcher import fljob_name
 
     t_total = time.monotonic()
     work = Path(os.environ.get("FLJOB_E2E_DIR") or tmp_path_factory.mktemp("e2e-deploy")) / "deploy"
@@ -1252,24 +1244,7 @@ def test_e2e_parent_from_deploy_prepare_chart(env, tmp_path_factory):  # noqa: C
         subprocess.run(["chown", "-R", "1000:1000", str(ws)], check=True)
         ws.chmod(0o755)
         pv, sc = f"fljob-e2e-{suffix}-ws", f"fljob-e2e-{suffix}-ws"
-        core.create_persistent_volume({
-            "apiVersion": "v1", "kind": "PersistentVolume",
-            "metadata": {"name": pv, "labels": {"fljob.dev/test": "true"}},
-            "spec": {
-                "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                "persistentVolumeReclaimPolicy": "Retain", "storageClassName": sc,
-                "hostPath": {"path": str(ws), "type": "Directory"},
-                "claimRef": {"namespace": ns, "name": pvc},
-                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                    {"key": REAL_LABEL, "operator": "In", "values": ["true"]}]}]}},
-            },
-        })
-        cleanup.append(lambda: core.delete_persistent_volume(pv))
-        core.create_namespaced_persistent_volume_claim(ns, {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": pvc},
-            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": sc, "volumeName": pv,
-                     "resources": {"requests": {"storage": "1Gi"}}},
-        })
+        real_node_claim(core, ns, pvc, pv, sc, ws, "1Gi", cleanup)
 
         # test cluster only: the parent's pod to the real node, with the container securityContext `restricted`
         # wants (the chart sets none); bound to that pod alone, so the worker pods keep the operator's shape
@@ -1331,7 +1306,7 @@ def test_e2e_parent_from_deploy_prepare_chart(env, tmp_path_factory):  # noqa: C
         job_id = p.submit(numpy_job(work / "jobs", "deploy-numpy", rounds=2))
         status = p.wait_job(job_id, 240)
         timed("submit -> server FINISHED", t0)
-        name = fljob_name_of(job_id, site)
+        name = fljob_name(job_id, site)
         o = wait_for(lambda: (lambda x: x if x and (x.get("status") or {}).get("phase") in TERMINAL else None)(
             _get_or_none(lambda: custom.get_namespaced_custom_object(GROUP, VERSION, ns, "fljobs", name))),
             120, f"FLJob {name} terminal")
@@ -1373,26 +1348,26 @@ def test_e2e_parent_from_deploy_prepare_chart(env, tmp_path_factory):  # noqa: C
     finally:
         if watcher:
             watcher.stop_flag.set()
+        tear_down(custom, ns, operator, cleanup)
+
+
+def tear_down(custom, ns, operator, cleanup):
+    """The FLJobs of `ns` go first, while the operator still runs (it owns their cleanup finalizer); then every
+    cleanup step, last first, each on its own (a failing one is logged); then the operator."""
+    try:
+        if operator and operator.proc and operator.proc.poll() is None:
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, "fljobs")
+            _true_within(lambda: not custom.list_namespaced_custom_object(
+                GROUP, VERSION, ns, "fljobs").get("items"), 30)
+    except Exception as e:  # noqa: BLE001
+        log(f"cleanup of FLJobs: {e}")
+    for fn in reversed(cleanup):
         try:
-            if operator and operator.proc and operator.proc.poll() is None:
-                custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, "fljobs")
-                _true_within(lambda: not custom.list_namespaced_custom_object(
-                    GROUP, VERSION, ns, "fljobs").get("items"), 30)
+            fn()
         except Exception as e:  # noqa: BLE001
-            log(f"cleanup of FLJobs: {e}")
-        for fn in reversed(cleanup):
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001
-                log(f"cleanup: {e}")
-        if operator:
-            operator.stop()
-
-
-def fljob_name_of(job_id, site):
-    from fljob_launcher import fljob_name
-
-    return fljob_name(job_id, site)
+            log(f"cleanup: {e}")
+    if operator:
+        operator.stop()
 
 
 def _get_or_none(fn):
