@@ -14,6 +14,10 @@ namespace A, FLSite site-a, the operator running for A) and "stock" (client site
 namespace B). Each client parent's Kubernetes client talks as its own ServiceAccount, with the RBAC its launcher
 documents / needs. Every API request a parent makes is counted by wrapping kubernetes' ApiClient.call_api
 (python/e2e/apicount/sitecustomize.py); the operator's are its own fljob_api_requests_total counter.
+
+A third project (client site-9) runs its client parent as a pod, from the Helm chart `nvflare deploy prepare` writes,
+switched to FLJobLauncher by `python -m fljob_launcher.deploy` (test_e2e_parent_from_deploy_prepare_chart; it runs
+first, so that `make e2e` ends with the comparison table).
 """
 
 from __future__ import annotations
@@ -487,6 +491,225 @@ class Admin:
 
 
 # ----- the test ---------------------------------------------------------------------------------------------------
+
+
+DEPLOY_CLIENT = "site-9"  # NVFlare client of the project whose parent runs from the `nvflare deploy prepare` chart
+
+
+def test_e2e_parent_from_deploy_prepare_chart(env, tmp_path_factory):  # noqa: C901 - one story, told in order
+    """A site that runs its client parent from the Helm chart NVFlare 2.9.0's `nvflare deploy prepare` writes
+    switches to fljob-operator as python/README.md says: `python -m fljob_launcher.deploy <prepared kit>`, then the
+    commands it prints. The parent runs as that chart's pod on the real node, with its ServiceAccount (the chart's
+    Role, as the tool rewrote it: FLJobs and Secrets, no pods); a numpy job runs through it to COMPLETED.
+
+    What the test cluster changes and a site would not (each needed because this cluster has no pod network, no
+    DNS and no registry; the product's shapes stay as they are):
+      - the parent's comm_config gets `listen_host: 127.0.0.1` (pods share the host's network here: the parent must
+        not listen on every interface); the advertised host stays the chart's Service name;
+      - the FLSite's parentUrl is stcp://127.0.0.1:<port>, not the Service (no cluster DNS);
+      - the launcher's pod_template sends the worker pods to the real node (the cluster's other nodes are kwok's);
+      - the chart is installed with image.pullPolicy=IfNotPresent (no registry);
+      - a MutatingAdmissionPolicy bound to the parent's pod only (objectSelector on the chart's label) sends it to
+        the real node and adds the container securityContext Pod Security `restricted` needs (the chart sets none).
+    """
+    from kubernetes import client
+
+    from e2e.poc import Project, free_ports, numpy_job
+    from fljob_launcher import fljob_name
+
+    t_total = time.monotonic()
+    work = Path(os.environ.get("FLJOB_E2E_DIR") or tmp_path_factory.mktemp("e2e-deploy")) / "deploy"
+    work.mkdir(parents=True, exist_ok=True)
+    api = env["api"]
+    core = client.CoreV1Api(api)
+    apps = client.AppsV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    suffix = uuid.uuid4().hex[:6]
+    ns = f"fljob-e2e-deploy-{suffix}"
+    helm = shutil.which("helm", path=os.environ.get("FLJOB_TOOLS_BIN") or None) or shutil.which("helm")
+    assert helm, "helm not found (FLJOB_TOOLS_BIN)"
+    cleanup, steps, operator, p, watcher = [], {}, None, None, None
+
+    def timed(name, t0):
+        steps[name] = round(time.monotonic() - t0, 1)
+        log(f"deploy chart: {name} {steps[name]} s")
+
+    try:
+        ensure_crds(env)
+        make_namespace(env, ns)
+        cleanup.append(lambda: core.delete_namespace(ns))
+
+        # --- the site's kit, as NVFlare provisions it and `nvflare deploy prepare` makes it a Kubernetes one -------
+        fl_port, admin_port, parent_port, metrics_port = free_ports(4)
+        p = Project(work / "project", fl_port, admin_port, parent_port, client=DEPLOY_CLIENT)
+        t0 = time.monotonic()
+        p.provision()
+        isolate_server(p, max_jobs=2)
+        pvc = "nvflws"
+        deploy_cfg = {
+            "runtime": "k8s",
+            "namespace": ns,
+            "parent": {
+                "docker_image": env["image"],  # the worker image has nvflare and fljob-launcher: the parent's too
+                "parent_port": parent_port,
+                "workspace_pvc": pvc,
+                "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+                "pod_security_context": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                                         "seccompProfile": {"type": "RuntimeDefault"}},
+            },
+            "job_launcher": {"pending_timeout": 120},
+        }
+        (work / "k8s.yaml").write_text(yaml.safe_dump(deploy_cfg))
+        prepared = work / "prepared"
+        shutil.rmtree(prepared, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "nvflare.cli", "deploy", "prepare", str(p.client_ws), "--config",
+                        str(work / "k8s.yaml"), "--output", str(prepared)], check=True, capture_output=True,
+                       text=True, timeout=120)
+        stock = json.loads((prepared / "local" / "resources.json.default").read_text())
+        assert any(c["path"].endswith("ClientK8sJobLauncher") for c in stock["components"]), "prepare's launcher"
+
+        # --- the switch: the tool, then exactly the commands it prints ---------------------------------------------
+        r = subprocess.run([sys.executable, "-m", "fljob_launcher.deploy", str(prepared)], check=True,
+                           capture_output=True, text=True, timeout=60)
+        log("fljob_launcher.deploy:\n" + r.stdout)
+        then = r.stdout.split("then:\n", 1)[1].split("\n")
+        next_cmds = [line.strip().split() for line in then if line.strip()]
+        assert [c[0] for c in next_cmds] == ["kubectl", "kubectl", "helm"], next_cmds
+        flsite_doc = yaml.safe_load((prepared / "fljob" / "flsite.yaml").read_text())
+        site = flsite_doc["metadata"]["name"]
+        assert flsite_doc["spec"]["clientName"] == DEPLOY_CLIENT
+        assert flsite_doc["spec"]["parentUrl"] == f"stcp://{site}:{parent_port}"  # the chart's Service
+
+        # test cluster only: the worker pods go to the real node (the launcher's pod_template, as in the main e2e;
+        # without it they land on a kwok node, where they "run" forever: seen)
+        res_path = prepared / "local" / "resources.json.default"
+        res_cfg = json.loads(res_path.read_text())
+        ours = [c for c in res_cfg["components"] if c["path"] == "fljob_launcher.FLJobLauncher"]
+        assert len(ours) == 1, res_cfg["components"]
+        ours[0]["args"]["pod_template"] = {"spec": node_placement(env)}
+        res_path.write_text(json.dumps(res_cfg, indent=2))
+
+        # test cluster only: the parent listens on loopback (it shares the host's network here)
+        comm_path = prepared / "local" / "comm_config.json"
+        comm = json.loads(comm_path.read_text())
+        assert comm["internal"]["resources"]["host"] == site  # deploy prepare advertises its Service
+        comm["internal"]["resources"]["listen_host"] = "127.0.0.1"
+        comm_path.write_text(json.dumps(comm, indent=2))
+
+        # the parent's workspace PVC (the chart mounts it; a site makes it): a static hostPath PV on the real node,
+        # holding the prepared kit's startup/ and local/, owned by the parent's uid
+        ws = Path(tempfile.mkdtemp(prefix=f"fljob-e2e-{suffix}-ws-"))
+        cleanup.append(lambda: shutil.rmtree(ws, ignore_errors=True))
+        for d in ("startup", "local"):
+            shutil.copytree(prepared / d, ws / d)
+        subprocess.run(["chown", "-R", "1000:1000", str(ws)], check=True)
+        ws.chmod(0o755)
+        pv, sc = f"fljob-e2e-{suffix}-ws", f"fljob-e2e-{suffix}-ws"
+        real_node_claim(core, ns, pvc, pv, sc, ws, "1Gi", cleanup)
+
+        # test cluster only: the parent's pod to the real node, with the container securityContext `restricted`
+        # wants (the chart sets none); bound to that pod alone, so the worker pods keep the operator's shape
+        policy = f"fljob-e2e-deploy-{suffix}"
+        policy_yaml = real_node_pod_policy(policy, ns, object_labels={"app.kubernetes.io/name": site})
+        (work / "parent-policy.yaml").write_text(policy_yaml)
+        kubectl(env, "apply", "-f", str(work / "parent-policy.yaml"))
+        cleanup.append(lambda: kubectl(env, "delete", "--ignore-not-found", "-f", str(work / "parent-policy.yaml"),
+                                       check=False))
+
+        # the operator for this namespace; the FL server on 127.0.0.1
+        operator = Operator(env, ns, metrics_port, work)
+        operator.start()
+        p.start_server()
+        cleanup.append(p.stop)
+        timed("kit prepared, switched, server up", t0)
+
+        # the printed commands, as printed: Secret, FLSite, helm (plus this cluster's --kubeconfig, and for helm
+        # the pull policy); the FLSite's parentUrl then pointed at loopback (no cluster DNS here)
+        t0 = time.monotonic()
+        for cmd in next_cmds:
+            if cmd[0] == "kubectl":
+                kubectl(env, *cmd[1:])
+            else:
+                h = subprocess.run([helm, "--kubeconfig", env["kubeconfig"], *cmd[1:], "--set",
+                                    "image.pullPolicy=IfNotPresent", "--wait=false"],
+                                   capture_output=True, text=True, timeout=120)
+                assert h.returncode == 0, f"helm: {h.stderr}"
+                cleanup.append(lambda rel=cmd[3]: subprocess.run(
+                    [helm, "--kubeconfig", env["kubeconfig"], "uninstall", rel, "--namespace", ns],
+                    capture_output=True, timeout=60))
+        custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "flsites", site, {"spec": {
+            "parentUrl": f"stcp://127.0.0.1:{parent_port}", "defaults": {"resources": RESOURCES},
+            "capacity": {"jobs": 1}}})
+        # the chart's Role is the tool's: FLJobs and Secrets, nothing on pods
+        sa = f"system:serviceaccount:{ns}:{site}"
+        can = {what: kubectl(env, "auth", "can-i", "--as", sa, "-n", ns, *what.split(), check=False).strip()
+               for what in ("create fljobs.fljob.dev", "watch fljobs.fljob.dev", "create secrets", "create pods",
+                            "get pods", "list events")}
+        log(f"deploy chart: the parent's ServiceAccount can: {can}")
+
+        def parent_pod():
+            pods = core.list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/name={site}").items
+            return pods[0] if pods and pods[0].status.phase == "Running" else None
+        try:
+            ppod = wait_for(parent_pod, 120, "the parent's pod Running")
+        except TimeoutError:
+            log("deploy chart: events\n" + kubectl(env, "-n", ns, "get", "events", "-o", "wide", check=False)
+                + kubectl(env, "-n", ns, "get", "deploy,rs,pods,pvc", "-o", "wide", check=False))
+            raise
+        p.wait_client_registered(120)
+        timed("helm install -> parent registered", t0)
+        dep = apps.read_namespaced_deployment(site, ns)
+
+        # --- a numpy job through the chart-run parent ------------------------------------------------------------
+        watcher = Watcher(env, ns, "pods")
+        watcher.start()
+        t0 = time.monotonic()
+        job_id = p.submit(numpy_job(work / "jobs", "deploy-numpy", rounds=2))
+        status = p.wait_job(job_id, 240)
+        timed("submit -> server FINISHED", t0)
+        name = fljob_name(job_id, site)
+        o = wait_for(lambda: (lambda x: x if x and (x.get("status") or {}).get("phase") in TERMINAL else None)(
+            _get_or_none(lambda: custom.get_namespaced_custom_object(GROUP, VERSION, ns, "fljobs", name))),
+            120, f"FLJob {name} terminal")
+        st = o["status"]
+        worker = _get_or_none(lambda: core.read_namespaced_pod(st.get("podName") or "-", ns))
+        # the worker's results, uploaded to the parent's workspace: the chart's PVC
+        res_file = ws / job_id / "log.txt"
+        uploaded = res_file.is_file() and TRAIN_MARK in res_file.read_text(errors="replace")
+        plog = core.read_namespaced_pod_log(ppod.metadata.name, ns, _request_timeout=10)
+        worker_pods = len(watcher.pod_uids.get(name, set()))
+        checks = {
+            "ok_server": status == "FINISHED:COMPLETED",
+            "ok_fljob": st.get("phase") == "Succeeded" and st.get("exitCode") == 0,
+            "ok_results": uploaded,
+            "ok_one_pod": worker_pods == 1,
+            "ok_worker_on_real_node": worker is not None and worker.spec.node_name == env["node"],
+            "ok_parent_from_chart": (ppod.spec.service_account_name == site
+                                     and ppod.spec.containers[0].image == env["image"]
+                                     and any(r.kind == "ReplicaSet" for r in ppod.metadata.owner_references or [])
+                                     and dep.metadata.labels.get("app.kubernetes.io/managed-by") == "Helm"),
+            # FLJobLauncher's own line, in the parent pod's log
+            "ok_parent_launcher": f"created FLJob {ns}/{name}" in plog,
+            "ok_rbac": can == {"create fljobs.fljob.dev": "yes", "watch fljobs.fljob.dev": "yes",
+                               "create secrets": "yes", "create pods": "no", "get pods": "no", "list events": "no"},
+        }
+        res = {"job_id": job_id, "server": status, "phase": st.get("phase"), "exit": st.get("exitCode"),
+               "parent_pod": ppod.metadata.name, "node": ppod.spec.node_name, **steps, **checks}
+        log(f"deploy chart: {res}")
+        bad = [k for k, v in checks.items() if not v]
+        if bad:
+            for f in sorted(work.rglob("*.out")) + sorted(work.glob("operator-*.log")):
+                log(f"--- {f}\n{f.read_text(errors='replace')[-3000:]}")
+            log(f"--- parent pod log\n{plog[-5000:]}")
+        print(f"\n=== client parent from the `nvflare deploy prepare` chart (switched by fljob_launcher.deploy) ===\n"
+              f"parent pod {ppod.metadata.name} on {ppod.spec.node_name}; job {job_id}: server {status}, FLJob "
+              f"{st.get('phase')} exit {st.get('exitCode')}, results uploaded {uploaded}; steps {steps}; "
+              f"total {time.monotonic() - t_total:.1f} s")
+        assert not bad, f"deploy-chart e2e: {bad}: {res}"
+    finally:
+        if watcher:
+            watcher.stop_flag.set()
+        tear_down(custom, ns, operator, cleanup)
 
 
 def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told in order
@@ -1137,218 +1360,6 @@ def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told i
     total = time.monotonic() - t_total
     print_report(results, total)
     assert not failures, "e2e failures:\n  " + "\n  ".join(failures)
-
-
-DEPLOY_CLIENT = "site-9"  # NVFlare client of the project whose parent runs from the `nvflare deploy prepare` chart
-
-
-@pytest.mark.skipif(os.environ.get("FLJOB_E2E_DEPLOY_CHART") != "1",
-                    reason="not passing yet: the parent pod from the chart registers, the job reaches RUNNING on the "
-                    "server but does not finish (issue 10's note); FLJOB_E2E_DEPLOY_CHART=1 runs it")
-def test_e2e_parent_from_deploy_prepare_chart(env, tmp_path_factory):  # noqa: C901 - one story, told in order
-    """A site that runs its client parent from the Helm chart NVFlare 2.9.0's `nvflare deploy prepare` writes
-    switches to fljob-operator as python/README.md says: `python -m fljob_launcher.deploy <prepared kit>`, then the
-    commands it prints. The parent runs as that chart's pod on the real node, with its ServiceAccount (the chart's
-    Role, as the tool rewrote it: FLJobs and Secrets, no pods); a numpy job runs through it to COMPLETED.
-
-    What the test cluster changes and a site would not (each needed because this cluster has no pod network, no
-    DNS and no registry; the product's shapes stay as they are):
-      - the parent's comm_config gets `listen_host: 127.0.0.1` (pods share the host's network here: the parent must
-        not listen on every interface); the advertised host stays the chart's Service name;
-      - the FLSite's parentUrl is stcp://127.0.0.1:<port>, not the Service (no cluster DNS);
-      - the chart is installed with image.pullPolicy=IfNotPresent (no registry);
-      - a MutatingAdmissionPolicy bound to the parent's pod only (objectSelector on the chart's label) sends it to
-        the real node and adds the container securityContext Pod Security `restricted` needs (the chart sets none).
-    """
-    from kubernetes import client
-
-    from e2e.poc import Project, free_ports, numpy_job
-    from fljob_launcher import fljob_name
-
-    t_total = time.monotonic()
-    work = Path(os.environ.get("FLJOB_E2E_DIR") or tmp_path_factory.mktemp("e2e-deploy")) / "deploy"
-    work.mkdir(parents=True, exist_ok=True)
-    api = env["api"]
-    core = client.CoreV1Api(api)
-    apps = client.AppsV1Api(api)
-    custom = client.CustomObjectsApi(api)
-    suffix = uuid.uuid4().hex[:6]
-    ns = f"fljob-e2e-deploy-{suffix}"
-    helm = shutil.which("helm", path=os.environ.get("FLJOB_TOOLS_BIN") or None) or shutil.which("helm")
-    assert helm, "helm not found (FLJOB_TOOLS_BIN)"
-    cleanup, steps, operator, p, watcher = [], {}, None, None, None
-
-    def timed(name, t0):
-        steps[name] = round(time.monotonic() - t0, 1)
-        log(f"deploy chart: {name} {steps[name]} s")
-
-    try:
-        ensure_crds(env)
-        make_namespace(env, ns)
-        cleanup.append(lambda: core.delete_namespace(ns))
-
-        # --- the site's kit, as NVFlare provisions it and `nvflare deploy prepare` makes it a Kubernetes one -------
-        fl_port, admin_port, parent_port, metrics_port = free_ports(4)
-        p = Project(work / "project", fl_port, admin_port, parent_port, client=DEPLOY_CLIENT)
-        t0 = time.monotonic()
-        p.provision()
-        isolate_server(p, max_jobs=2)
-        pvc = "nvflws"
-        deploy_cfg = {
-            "runtime": "k8s",
-            "namespace": ns,
-            "parent": {
-                "docker_image": env["image"],  # the worker image has nvflare and fljob-launcher: the parent's too
-                "parent_port": parent_port,
-                "workspace_pvc": pvc,
-                "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
-                "pod_security_context": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
-                                         "seccompProfile": {"type": "RuntimeDefault"}},
-            },
-            "job_launcher": {"pending_timeout": 120},
-        }
-        (work / "k8s.yaml").write_text(yaml.safe_dump(deploy_cfg))
-        prepared = work / "prepared"
-        shutil.rmtree(prepared, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "nvflare.cli", "deploy", "prepare", str(p.client_ws), "--config",
-                        str(work / "k8s.yaml"), "--output", str(prepared)], check=True, capture_output=True,
-                       text=True, timeout=120)
-        stock = json.loads((prepared / "local" / "resources.json.default").read_text())
-        assert any(c["path"].endswith("ClientK8sJobLauncher") for c in stock["components"]), "prepare's launcher"
-
-        # --- the switch: the tool, then exactly the commands it prints ---------------------------------------------
-        r = subprocess.run([sys.executable, "-m", "fljob_launcher.deploy", str(prepared)], check=True,
-                           capture_output=True, text=True, timeout=60)
-        log("fljob_launcher.deploy:\n" + r.stdout)
-        then = r.stdout.split("then:\n", 1)[1].split("\n")
-        next_cmds = [line.strip().split() for line in then if line.strip()]
-        assert [c[0] for c in next_cmds] == ["kubectl", "kubectl", "helm"], next_cmds
-        flsite_doc = yaml.safe_load((prepared / "fljob" / "flsite.yaml").read_text())
-        site = flsite_doc["metadata"]["name"]
-        assert flsite_doc["spec"]["clientName"] == DEPLOY_CLIENT
-        assert flsite_doc["spec"]["parentUrl"] == f"stcp://{site}:{parent_port}"  # the chart's Service
-
-        # test cluster only: the parent listens on loopback (it shares the host's network here)
-        comm_path = prepared / "local" / "comm_config.json"
-        comm = json.loads(comm_path.read_text())
-        assert comm["internal"]["resources"]["host"] == site  # deploy prepare advertises its Service
-        comm["internal"]["resources"]["listen_host"] = "127.0.0.1"
-        comm_path.write_text(json.dumps(comm, indent=2))
-
-        # the parent's workspace PVC (the chart mounts it; a site makes it): a static hostPath PV on the real node,
-        # holding the prepared kit's startup/ and local/, owned by the parent's uid
-        ws = Path(tempfile.mkdtemp(prefix=f"fljob-e2e-{suffix}-ws-"))
-        cleanup.append(lambda: shutil.rmtree(ws, ignore_errors=True))
-        for d in ("startup", "local"):
-            shutil.copytree(prepared / d, ws / d)
-        subprocess.run(["chown", "-R", "1000:1000", str(ws)], check=True)
-        ws.chmod(0o755)
-        pv, sc = f"fljob-e2e-{suffix}-ws", f"fljob-e2e-{suffix}-ws"
-        real_node_claim(core, ns, pvc, pv, sc, ws, "1Gi", cleanup)
-
-        # test cluster only: the parent's pod to the real node, with the container securityContext `restricted`
-        # wants (the chart sets none); bound to that pod alone, so the worker pods keep the operator's shape
-        policy = f"fljob-e2e-deploy-{suffix}"
-        policy_yaml = real_node_pod_policy(policy, ns, object_labels={"app.kubernetes.io/name": site})
-        (work / "parent-policy.yaml").write_text(policy_yaml)
-        kubectl(env, "apply", "-f", str(work / "parent-policy.yaml"))
-        cleanup.append(lambda: kubectl(env, "delete", "--ignore-not-found", "-f", str(work / "parent-policy.yaml"),
-                                       check=False))
-
-        # the operator for this namespace; the FL server on 127.0.0.1
-        operator = Operator(env, ns, metrics_port, work)
-        operator.start()
-        p.start_server()
-        cleanup.append(p.stop)
-        timed("kit prepared, switched, server up", t0)
-
-        # the printed commands, as printed: Secret, FLSite, helm (plus this cluster's --kubeconfig, and for helm
-        # the pull policy); the FLSite's parentUrl then pointed at loopback (no cluster DNS here)
-        t0 = time.monotonic()
-        for cmd in next_cmds:
-            if cmd[0] == "kubectl":
-                kubectl(env, *cmd[1:])
-            else:
-                h = subprocess.run([helm, "--kubeconfig", env["kubeconfig"], *cmd[1:], "--set",
-                                    "image.pullPolicy=IfNotPresent", "--wait=false"],
-                                   capture_output=True, text=True, timeout=120)
-                assert h.returncode == 0, f"helm: {h.stderr}"
-                cleanup.append(lambda rel=cmd[3]: subprocess.run(
-                    [helm, "--kubeconfig", env["kubeconfig"], "uninstall", rel, "--namespace", ns],
-                    capture_output=True, timeout=60))
-        custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "flsites", site, {"spec": {
-            "parentUrl": f"stcp://127.0.0.1:{parent_port}", "defaults": {"resources": RESOURCES},
-            "capacity": {"jobs": 1}}})
-        # the chart's Role is the tool's: FLJobs and Secrets, nothing on pods
-        sa = f"system:serviceaccount:{ns}:{site}"
-        can = {what: kubectl(env, "auth", "can-i", "--as", sa, "-n", ns, *what.split(), check=False).strip()
-               for what in ("create fljobs.fljob.dev", "watch fljobs.fljob.dev", "create secrets", "create pods",
-                            "get pods", "list events")}
-        log(f"deploy chart: the parent's ServiceAccount can: {can}")
-
-        def parent_pod():
-            pods = core.list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/name={site}").items
-            return pods[0] if pods and pods[0].status.phase == "Running" else None
-        try:
-            ppod = wait_for(parent_pod, 120, "the parent's pod Running")
-        except TimeoutError:
-            log("deploy chart: events\n" + kubectl(env, "-n", ns, "get", "events", "-o", "wide", check=False)
-                + kubectl(env, "-n", ns, "get", "deploy,rs,pods,pvc", "-o", "wide", check=False))
-            raise
-        p.wait_client_registered(120)
-        timed("helm install -> parent registered", t0)
-        dep = apps.read_namespaced_deployment(site, ns)
-
-        # --- a numpy job through the chart-run parent ------------------------------------------------------------
-        watcher = Watcher(env, ns, "pods")
-        watcher.start()
-        t0 = time.monotonic()
-        job_id = p.submit(numpy_job(work / "jobs", "deploy-numpy", rounds=2))
-        status = p.wait_job(job_id, 240)
-        timed("submit -> server FINISHED", t0)
-        name = fljob_name(job_id, site)
-        o = wait_for(lambda: (lambda x: x if x and (x.get("status") or {}).get("phase") in TERMINAL else None)(
-            _get_or_none(lambda: custom.get_namespaced_custom_object(GROUP, VERSION, ns, "fljobs", name))),
-            120, f"FLJob {name} terminal")
-        st = o["status"]
-        worker = _get_or_none(lambda: core.read_namespaced_pod(st.get("podName") or "-", ns))
-        # the worker's results, uploaded to the parent's workspace: the chart's PVC
-        res_file = ws / job_id / "log.txt"
-        uploaded = res_file.is_file() and TRAIN_MARK in res_file.read_text(errors="replace")
-        plog = core.read_namespaced_pod_log(ppod.metadata.name, ns, _request_timeout=10)
-        worker_pods = len(watcher.pod_uids.get(name, set()))
-        checks = {
-            "ok_server": status == "FINISHED:COMPLETED",
-            "ok_fljob": st.get("phase") == "Succeeded" and st.get("exitCode") == 0,
-            "ok_results": uploaded,
-            "ok_one_pod": worker_pods == 1,
-            "ok_worker_on_real_node": worker is not None and worker.spec.node_name == env["node"],
-            "ok_parent_from_chart": (ppod.spec.service_account_name == site
-                                     and ppod.spec.containers[0].image == env["image"]
-                                     and any(r.kind == "ReplicaSet" for r in ppod.metadata.owner_references or [])
-                                     and dep.metadata.labels.get("app.kubernetes.io/managed-by") == "Helm"),
-            # FLJobLauncher's own line, in the parent pod's log
-            "ok_parent_launcher": f"created FLJob {ns}/{name}" in plog,
-            "ok_rbac": can == {"create fljobs.fljob.dev": "yes", "watch fljobs.fljob.dev": "yes",
-                               "create secrets": "yes", "create pods": "no", "get pods": "no", "list events": "no"},
-        }
-        res = {"job_id": job_id, "server": status, "phase": st.get("phase"), "exit": st.get("exitCode"),
-               "parent_pod": ppod.metadata.name, "node": ppod.spec.node_name, **steps, **checks}
-        log(f"deploy chart: {res}")
-        bad = [k for k, v in checks.items() if not v]
-        if bad:
-            for f in sorted(work.rglob("*.out")) + sorted(work.glob("operator-*.log")):
-                log(f"--- {f}\n{f.read_text(errors='replace')[-3000:]}")
-            log(f"--- parent pod log\n{plog[-5000:]}")
-        print(f"\n=== client parent from the `nvflare deploy prepare` chart (switched by fljob_launcher.deploy) ===\n"
-              f"parent pod {ppod.metadata.name} on {ppod.spec.node_name}; job {job_id}: server {status}, FLJob "
-              f"{st.get('phase')} exit {st.get('exitCode')}, results uploaded {uploaded}; steps {steps}; "
-              f"total {time.monotonic() - t_total:.1f} s")
-        assert not bad, f"deploy-chart e2e: {bad}: {res}"
-    finally:
-        if watcher:
-            watcher.stop_flag.set()
-        tear_down(custom, ns, operator, cleanup)
 
 
 def tear_down(custom, ns, operator, cleanup):
