@@ -457,7 +457,7 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
     if !notes.is_empty() {
         // Off the reconcile's path: the status is the record, an Event is news about it. A reconcile that waited for
         // its Event POSTs would hold a worker slot for them (issue 12: that wait was most of a burst's makespan).
-        let (recorder, reference, metrics) = (ctx.recorder.clone(), job.object_ref(&()), ctx.metrics.clone());
+        let (recorder, reference, metrics) = (ctx.recorder(), job.object_ref(&()), ctx.metrics.clone());
         tokio::spawn(async move {
             for note in notes {
                 send(&recorder, &metrics, &reference, &note).await;
@@ -473,7 +473,7 @@ async fn write_status(ctx: &Context, api: &Api<FLJob>, job: &FLJob, old: &FLJobS
 }
 
 async fn publish(ctx: &Context, job: &FLJob, note: &Note) {
-    send(&ctx.recorder, &ctx.metrics, &job.object_ref(&()), note).await;
+    send(&ctx.recorder(), &ctx.metrics, &job.object_ref(&()), note).await;
 }
 
 async fn send(

@@ -31,8 +31,11 @@ pub struct Context {
     pub sites: Store<FLSite>,
     /// Worker pods, as last seen.
     pub pods: Store<Pod>,
-    /// Publishes Events.
-    pub recorder: Recorder,
+    /// Who the operator's Events say they come from. Each batch of Events gets a `Recorder` of its own
+    /// (`Context::recorder`), not one shared by the process: kube-runtime 5.0's `Recorder::publish` sweeps its whole
+    /// cache (every Event it published in the last 6 minutes) on each call, which made 11% of the operator's CPU
+    /// at N = 10,000 (issue 12, `perf`), and keeps a copy of each of those Events in memory.
+    pub reporter: Reporter,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Consecutive failed reconciles per object (`controller/namespace/name`), for the retry backoff. Only retry
@@ -120,6 +123,11 @@ impl SecretKeys {
 }
 
 impl Context {
+    /// A Recorder for one batch of Events (see `reporter`): nothing of it outlives the batch.
+    pub fn recorder(&self) -> Recorder {
+        Recorder::new(self.client.clone(), self.reporter.clone())
+    }
+
     /// Waits until the three caches hold a full list: decisions on a partial view could release quota
     /// of jobs that merely were not listed yet. (`Store::wait_until_ready` keeps a single waker, so it cannot
     /// be shared by concurrent reconciles; a watch channel can.)
@@ -460,7 +468,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
         jobs: jobs.clone(),
         sites: sites.clone(),
         pods,
-        recorder: Recorder::new(client.clone(), reporter),
+        reporter,
         metrics: metrics.clone(),
         failures: Default::default(),
         synced,
