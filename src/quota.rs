@@ -171,7 +171,7 @@ pub struct JobView {
     /// The job wants quota (it is not finished, not aborted, not being deleted and its references resolve).
     pub wants_quota: bool,
     /// The job's references have not been checked yet (it was just created): it may want quota in a moment, so
-    /// jobs created after it wait for it rather than overtake it.
+    /// jobs created after it are admitted only beside the room it needs, never into it.
     pub undecided: bool,
     /// The job has finished (or its abort completed): anything it holds goes back to the pool.
     pub done: bool,
@@ -247,15 +247,31 @@ pub fn plan(capacity: &Capacity, allocations: &[Allocation], jobs: &[JobView], n
     }
     let waiting = queue(capacity, &out.allocations, jobs);
     let mut used = total(&out.allocations);
-    // The first job created that is not decided yet: nothing created after it is admitted before it is.
-    let barrier = jobs.iter().filter(|j| j.undecided).min_by(|a, b| queue_order(a, b));
+    // Jobs not checked yet (just created), in admission order. Each one created before a waiting job keeps its room
+    // in the pool: the waiting job is admitted only if it fits beside them, and one that would not fit blocks what
+    // is behind it, so a later job never takes what an earlier one needs. Waiting for them to be checked instead
+    // held every job of a burst behind the slowest first reconcile (issue 12: most jobs of a 10,000-job burst got
+    // a Queued write that way); a job whose check fails just gives its room back.
+    let mut undecided: Vec<&JobView> = jobs.iter().filter(|j| j.undecided && !j.done && !in_ledger.contains(&j.uid)).collect();
+    undecided.sort_by(|a, b| queue_order(a, b));
+    let mut ahead = undecided.into_iter().peekable();
+    let mut reserved = Amount::default();
     let mut blocked = false;
     for job in &waiting {
         let Ok(want) = demand(&job.resources) else { continue };
-        if barrier.is_some_and(|b| queue_order(b, job).is_lt()) {
-            blocked = true;
+        while let Some(u) = ahead.next_if(|u| queue_order(u, job).is_lt()) {
+            // One that could never fit (or cannot be counted) is failed by its reconciler, not queued.
+            let Ok(d) = demand(&u.resources) else { continue };
+            if !shortfall(capacity, Amount::default(), d).is_empty() {
+                continue;
+            }
+            if shortfall(capacity, used + reserved, d).is_empty() {
+                reserved = reserved + d;
+            } else {
+                blocked = true;
+            }
         }
-        if !blocked && shortfall(capacity, used, want).is_empty() {
+        if !blocked && shortfall(capacity, used + reserved, want).is_empty() {
             used = used + want;
             out.admitted.push(job.name.clone());
             out.allocations.push(Allocation {
@@ -345,16 +361,34 @@ mod tests {
     }
 
     #[test]
-    fn a_job_not_yet_checked_is_not_overtaken_by_later_ones() {
-        let cap = Capacity { jobs: Some(4), ..Default::default() };
+    fn a_job_not_yet_checked_keeps_its_room_from_later_ones() {
         let mut first = view("first", 1, 0);
         first.wants_quota = false;
         first.undecided = true;
-        let p = plan(&cap, &[], &[view("early", 0, 0), first.clone(), view("later", 2, 0)], &t(10));
-        assert_eq!(p.admitted, vec!["early"], "later waits for first to be checked");
-        first.undecided = false; // checked: its Secret is missing, say; it no longer holds anyone up
-        let p = plan(&cap, &[], &[view("early", 0, 0), first, view("later", 2, 0)], &t(10));
-        assert_eq!(p.admitted, vec!["early", "later"]);
+        let jobs = || vec![view("early", 0, 0), first.clone(), view("later", 2, 0), view("last", 3, 0)];
+        // Room for all: later ones do not wait for first to be checked.
+        let p = plan(&Capacity { jobs: Some(4), ..Default::default() }, &[], &jobs(), &t(10));
+        assert_eq!(p.admitted, vec!["early", "later", "last"]);
+        // Room for two: first's place is kept, so later (and last, behind it) wait.
+        let p = plan(&Capacity { jobs: Some(2), ..Default::default() }, &[], &jobs(), &t(10));
+        assert_eq!(p.admitted, vec!["early"], "later must not take what first needs");
+        assert_eq!(p.queued, 2);
+        // Once first is checked and admitted, the kept room is its own and nothing was over-admitted.
+        let mut checked = jobs();
+        checked[1].undecided = false;
+        checked[1].wants_quota = true;
+        let p2 = plan(&Capacity { jobs: Some(2), ..Default::default() }, &p.allocations, &checked, &t(20));
+        assert_eq!(p2.admitted, vec!["first"]);
+        // Or its check fails: it gives its room back.
+        checked[1].wants_quota = false;
+        let p3 = plan(&Capacity { jobs: Some(2), ..Default::default() }, &p.allocations, &checked, &t(20));
+        assert_eq!(p3.admitted, vec!["later"]);
+        // A gpu job not checked yet that does not fit blocks the cpu-only jobs behind it.
+        let mut big = view("big", 1, 2);
+        big.wants_quota = false;
+        big.undecided = true;
+        let p = plan(&Capacity { gpus: Some(2), ..Default::default() }, &[], &[view("early", 0, 1), big, view("later", 2, 0)], &t(10));
+        assert_eq!(p.admitted, vec!["early"]);
     }
 
     #[test]

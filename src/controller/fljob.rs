@@ -78,7 +78,7 @@ pub async fn reconcile(job: Arc<FLJob>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 /// A job the operator cannot get past its first checks (say, the Secret GET is forbidden) must not stay
-/// undecided: admission waits for undecided jobs created earlier, so it would hold its whole site's queue. Record
+/// undecided: admission keeps room for undecided jobs created earlier, so it would hold its share of the site. Record
 /// why it cannot proceed (Resolved=False, an Event), which lets later jobs go ahead; it is retried with backoff, and
 /// the first reconcile that gets through resolves it.
 async fn report_unresolved(ctx: &Context, job: &FLJob, error: &Error) {
