@@ -204,13 +204,19 @@ fn queue_order(a: &JobView, b: &JobView) -> std::cmp::Ordering {
     ta.cmp(&tb).then_with(|| a.name.cmp(&b.name))
 }
 
+/// What `resources` take from the pool, if they could ever fit in `capacity` (in an empty pool); None for a job
+/// its reconciler fails instead of queueing: too large for the site, or not countable.
+fn could_fit(capacity: &Capacity, resources: &Resources) -> Option<Amount> {
+    demand(resources).ok().filter(|d| shortfall(capacity, Amount::default(), *d).is_empty())
+}
+
 /// The jobs waiting for quota, in admission order, that could ever fit.
 pub fn queue<'a>(capacity: &Capacity, allocations: &[Allocation], jobs: &'a [JobView]) -> Vec<&'a JobView> {
     let holding: HashSet<&str> = allocations.iter().map(|a| a.uid.as_str()).collect();
     let mut waiting: Vec<&JobView> = jobs
         .iter()
         .filter(|j| j.wants_quota && !j.done && !holding.contains(j.uid.as_str()))
-        .filter(|j| demand(&j.resources).is_ok_and(|d| shortfall(capacity, Amount::default(), d).is_empty()))
+        .filter(|j| could_fit(capacity, &j.resources).is_some())
         .collect();
     waiting.sort_by(|a, b| queue_order(a, b));
     waiting
@@ -261,10 +267,7 @@ pub fn plan(capacity: &Capacity, allocations: &[Allocation], jobs: &[JobView], n
         let Ok(want) = demand(&job.resources) else { continue };
         while let Some(u) = ahead.next_if(|u| queue_order(u, job).is_lt()) {
             // One that could never fit (or cannot be counted) is failed by its reconciler, not queued.
-            let Ok(d) = demand(&u.resources) else { continue };
-            if !shortfall(capacity, Amount::default(), d).is_empty() {
-                continue;
-            }
+            let Some(d) = could_fit(capacity, &u.resources) else { continue };
             if shortfall(capacity, used + reserved, d).is_empty() {
                 reserved = reserved + d;
             } else {

@@ -28,7 +28,7 @@ pub fn controller(
     concurrency: u16,
 ) -> impl std::future::Future<Output = ()> {
     let job_store = ctx.jobs.clone();
-    let mapper_store = ctx.jobs.clone();
+    let mapper_ctx = ctx.clone();
     // The operator is the only writer of an FLJob's status, and every decision that must be taken again later asks
     // for it (a requeue) or waits for something that has its own event (the pod, the site, the finalizer). So a change
     // of the status alone, its own write, brings the job back for nothing: only what people and NVFlare change (the
@@ -37,13 +37,13 @@ pub fn controller(
     Controller::for_stream(jobs, job_store)
         .owns_stream(pods.map(Ok))
         .watches_stream(sites.map(Ok), move |site: FLSite| {
-            let ns = site.metadata.namespace.as_deref();
-            let name = site.name_any();
+            // Only the site's live jobs can be concerned (`SiteChange::affects` is false for a finished job not
+            // being deleted): looked up by site, not found by walking every cached job.
             let change = SiteChange::new(&site);
-            mapper_store
-                .state()
+            mapper_ctx
+                .live_jobs(&site.namespace().unwrap_or_default(), &site.name_any())
                 .into_iter()
-                .filter(|j| j.spec.site == name && j.metadata.namespace.as_deref() == ns && change.affects(j))
+                .filter(|j| change.affects(j))
                 .map(|j| ObjectRef::from_obj(&*j))
                 .collect::<Vec<_>>()
         })
