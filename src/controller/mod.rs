@@ -67,14 +67,15 @@ struct SiteJobsInner {
     relist: Option<SiteJobsMap>,
 }
 
-type SiteKey = (String, String);
+/// (namespace, name).
+type NsName = (String, String);
 
 #[derive(Default)]
 struct SiteJobsMap {
     /// (namespace, site) -> names of its live jobs.
-    by_site: std::collections::HashMap<SiteKey, std::collections::BTreeSet<String>>,
+    by_site: std::collections::HashMap<NsName, std::collections::BTreeSet<String>>,
     /// (namespace, job) -> its site, for the jobs in `by_site`.
-    site_of: std::collections::HashMap<SiteKey, String>,
+    site_of: std::collections::HashMap<NsName, String>,
 }
 
 impl SiteJobsMap {
@@ -196,7 +197,7 @@ pub const SECRET_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs
 
 /// Key names of recently read Secrets, by namespace and name.
 #[derive(Default)]
-pub struct SecretKeys(std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, Vec<String>)>>);
+pub struct SecretKeys(std::sync::Mutex<std::collections::HashMap<NsName, (std::time::Instant, Vec<String>)>>);
 
 impl SecretKeys {
     /// The key names of `ns/name` if read less than `SECRET_CACHE_TTL` ago.
