@@ -55,8 +55,9 @@ pub struct Context {
 /// The FLJob cache's live jobs (not finished, or finished and being deleted) by namespace and site, kept from the
 /// same watch events as the cache. A ledger decision and a site change look up a site's live jobs here instead of
 /// walking every cached FLJob: with finished jobs kept for their record, that walk was O(all jobs) per ledger write
-/// and per site event (issue 12, `perf` at N = 10,000: 13.7% of the operator's CPU in the FLSite reconcile). Like
-/// the cache, a re-list builds a fresh index and swaps it in when the list is complete.
+/// and per site event (issue 12, `perf` at N = 10,000: 13.7% of the operator's CPU in the FLSite reconcile). It holds
+/// the cache's own `Arc`s (looked up once per event), so it costs no copy of a job. Like the cache, a re-list builds
+/// a fresh index and swaps it in when the list is complete.
 #[derive(Default)]
 pub struct SiteJobs(std::sync::Mutex<SiteJobsInner>);
 
@@ -72,8 +73,8 @@ type NsName = (String, String);
 
 #[derive(Default)]
 struct SiteJobsMap {
-    /// (namespace, site) -> names of its live jobs.
-    by_site: std::collections::HashMap<NsName, std::collections::BTreeSet<String>>,
+    /// (namespace, site) -> its live jobs by name.
+    by_site: std::collections::HashMap<NsName, std::collections::BTreeMap<String, Arc<FLJob>>>,
     /// (namespace, job) -> its site, for the jobs in `by_site`.
     site_of: std::collections::HashMap<NsName, String>,
 }
@@ -82,21 +83,21 @@ impl SiteJobsMap {
     fn remove(&mut self, ns: &str, name: &str) {
         if let Some(site) = self.site_of.remove(&(ns.to_string(), name.to_string())) {
             let key = (ns.to_string(), site);
-            if let Some(set) = self.by_site.get_mut(&key) {
-                set.remove(name);
-                if set.is_empty() {
+            if let Some(jobs) = self.by_site.get_mut(&key) {
+                jobs.remove(name);
+                if jobs.is_empty() {
                     self.by_site.remove(&key);
                 }
             }
         }
     }
 
-    fn apply(&mut self, job: &FLJob) {
+    fn apply(&mut self, job: Arc<FLJob>) {
         let (ns, name) = (job.namespace().unwrap_or_default(), job.name_any());
         self.remove(&ns, &name);
-        if SiteJobs::is_live(job) {
-            self.by_site.entry((ns.clone(), job.spec.site.clone())).or_default().insert(name.clone());
-            self.site_of.insert((ns, name), job.spec.site.clone());
+        if SiteJobs::is_live(&job) {
+            self.site_of.insert((ns.clone(), name.clone()), job.spec.site.clone());
+            self.by_site.entry((ns, job.spec.site.clone())).or_default().insert(name, job);
         }
     }
 }
@@ -112,15 +113,19 @@ impl SiteJobs {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Follows one event of the FLJob watch.
-    pub fn observe(&self, event: &watcher::Event<FLJob>) {
+    /// Follows one event of the FLJob watch, after `cache` took it in (a reflector updates its store before it
+    /// passes the event on). The cache's copy is what the index keeps; during a re-list the cache answers with
+    /// the old objects, so the listed ones are kept as given and exchanged for the cache's at the end.
+    pub fn observe(&self, event: &watcher::Event<FLJob>, cache: &Store<FLJob>) {
+        let cached = |j: &FLJob| cache.get(&ObjectRef::from_obj(j)).unwrap_or_else(|| Arc::new(j.clone()));
         let mut inner = self.lock();
         match event {
             watcher::Event::Apply(j) => {
-                inner.current.apply(j);
+                let j = cached(j);
                 if let Some(r) = inner.relist.as_mut() {
-                    r.apply(j);
+                    r.apply(j.clone());
                 }
+                inner.current.apply(j);
             }
             watcher::Event::Delete(j) => {
                 let (ns, name) = (j.namespace().unwrap_or_default(), j.name_any());
@@ -130,19 +135,26 @@ impl SiteJobs {
                 }
             }
             watcher::Event::Init => inner.relist = Some(SiteJobsMap::default()),
-            watcher::Event::InitApply(j) => inner.relist.get_or_insert_with(Default::default).apply(j),
+            watcher::Event::InitApply(j) => inner.relist.get_or_insert_with(Default::default).apply(Arc::new(j.clone())),
             watcher::Event::InitDone => {
-                if let Some(r) = inner.relist.take() {
+                if let Some(mut r) = inner.relist.take() {
+                    for jobs in r.by_site.values_mut() {
+                        for j in jobs.values_mut() {
+                            if let Some(c) = cache.get(&ObjectRef::from_obj(&**j)) {
+                                *j = c;
+                            }
+                        }
+                    }
                     inner.current = r;
                 }
             }
         }
     }
 
-    /// The names of the live jobs of `site` in `namespace`.
-    pub fn names(&self, namespace: &str, site: &str) -> Vec<String> {
+    /// The live jobs of `site` in `namespace`, by name.
+    pub fn jobs(&self, namespace: &str, site: &str) -> Vec<Arc<FLJob>> {
         let inner = self.lock();
-        inner.current.by_site.get(&(namespace.to_string(), site.to_string())).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+        inner.current.by_site.get(&(namespace.to_string(), site.to_string())).map(|m| m.values().cloned().collect()).unwrap_or_default()
     }
 }
 
@@ -295,13 +307,7 @@ impl Context {
     /// The cached live jobs of a site ([`SiteJobs`]), found without walking the other sites' jobs or the finished
     /// ones.
     pub fn live_jobs(&self, namespace: &str, site: &str) -> Vec<Arc<FLJob>> {
-        self.site_jobs
-            .names(namespace, site)
-            .iter()
-            .filter_map(|n| self.jobs.get(&ObjectRef::new(n).within(namespace)))
-            // The cache may be one event ahead of the index: a job that moved sites is weighed where it is now.
-            .filter(|j| j.spec.site == site)
-            .collect()
+        self.site_jobs.jobs(namespace, site)
     }
 
     /// The jobs of a site the ledger must weigh: every job not finished yet. A finished job is left out (a ledger
@@ -597,7 +603,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
     let orphans = release_orphans(ctx.clone());
     tokio::select! {
         _ = futures::future::join(job_ctl, site_ctl) => tracing::info!("controllers stopped"),
-        _ = drive("fljobs", job_watch, job_out, synced_tx.clone(), |e| ctx.site_jobs.observe(e)) => {},
+        _ = drive("fljobs", job_watch, job_out, synced_tx.clone(), |e| ctx.site_jobs.observe(e, &ctx.jobs)) => {},
         _ = drive("flsites", site_watch, site_out, synced_tx.clone(), |_| {}) => {},
         _ = drive("pods", pod_watch, pod_out, synced_tx, |_| {}) => {},
         _ = gauges => {},
@@ -802,31 +808,43 @@ mod site_jobs_tests {
     fn the_site_index_follows_the_watch_and_keeps_only_live_jobs() {
         use watcher::Event::*;
         let idx = SiteJobs::default();
-        let names = |site: &str| idx.names("ns", site);
-        idx.observe(&Apply(mk_job("a", "site-a")));
-        idx.observe(&Apply(with_phase("b", "site-a", Phase::Running)));
-        idx.observe(&Apply(with_phase("c", "site-b", Phase::Queued)));
-        assert_eq!(names("site-a"), ["a", "b"]);
-        assert_eq!(names("site-b"), ["c"]);
-        assert!(idx.names("other-ns", "site-a").is_empty(), "per namespace");
+        let (cache, mut writer) = reflector::store::<FLJob>();
+        // As `drive` sees an event: after the reflector applied it to the cache.
+        let mut feed = |e: watcher::Event<FLJob>| {
+            writer.apply_watcher_event(&e);
+            idx.observe(&e, &cache);
+        };
+        let names = |idx: &SiteJobs, site: &str| idx.jobs("ns", site).iter().map(|j| j.name_any()).collect::<Vec<_>>();
+        feed(Apply(mk_job("a", "site-a")));
+        feed(Apply(with_phase("b", "site-a", Phase::Running)));
+        feed(Apply(with_phase("c", "site-b", Phase::Queued)));
+        assert_eq!(names(&idx, "site-a"), ["a", "b"]);
+        assert_eq!(names(&idx, "site-b"), ["c"]);
+        assert!(idx.jobs("other-ns", "site-a").is_empty(), "per namespace");
+        let from_cache = cache.get(&ObjectRef::new("b").within("ns")).unwrap();
+        assert!(Arc::ptr_eq(&idx.jobs("ns", "site-a")[1], &from_cache), "the index shares the cache's copy");
 
-        idx.observe(&Apply(with_phase("b", "site-a", Phase::Succeeded)));
-        assert_eq!(names("site-a"), ["a"], "a finished job leaves the index");
+        feed(Apply(with_phase("b", "site-a", Phase::Succeeded)));
+        assert_eq!(names(&idx, "site-a"), ["a"], "a finished job leaves the index");
         let mut deleting = with_phase("b", "site-a", Phase::Succeeded);
         deleting.metadata.deletion_timestamp = Some(t(5));
-        idx.observe(&Apply(deleting.clone()));
-        assert_eq!(names("site-a"), ["a", "b"], "a finished job being deleted waits for its release: it is live");
-        idx.observe(&Delete(deleting));
-        assert_eq!(names("site-a"), ["a"]);
+        feed(Apply(deleting.clone()));
+        assert_eq!(names(&idx, "site-a"), ["a", "b"], "a finished job being deleted waits for its release: it is live");
+        assert!(idx.jobs("ns", "site-a")[1].metadata.deletion_timestamp.is_some(), "the latest version");
+        feed(Delete(deleting));
+        assert_eq!(names(&idx, "site-a"), ["a"]);
 
         // A re-list: until it completes, the old index answers; then only what the list held (the delete of `c`
-        // was missed while the watch was down).
-        idx.observe(&Init);
-        idx.observe(&InitApply(mk_job("a", "site-a")));
-        idx.observe(&Apply(mk_job("d", "site-a")));
-        assert_eq!(names("site-b"), ["c"]);
-        idx.observe(&InitDone);
-        assert_eq!(names("site-a"), ["a", "d"], "an event during the re-list is kept");
-        assert!(names("site-b").is_empty(), "what the re-list did not see is gone");
+        // was missed while the watch was down), as the cache holds it.
+        feed(Init);
+        feed(InitApply(with_phase("a", "site-a", Phase::Running)));
+        feed(InitApply(mk_job("d", "site-a")));
+        assert_eq!(names(&idx, "site-b"), ["c"]);
+        feed(InitDone);
+        assert_eq!(names(&idx, "site-a"), ["a", "d"]);
+        assert!(names(&idx, "site-b").is_empty(), "what the re-list did not see is gone");
+        let a = cache.get(&ObjectRef::new("a").within("ns")).unwrap();
+        assert_eq!(a.status.as_ref().map(|s| s.phase), Some(Phase::Running));
+        assert!(Arc::ptr_eq(&idx.jobs("ns", "site-a")[0], &a), "after the re-list, the cache's copies again");
     }
 }
