@@ -48,7 +48,7 @@ pub struct Context {
     pub secret_keys: SecretKeys,
     /// Each site's queue, derived from the caches at most once per ledger version and [`QUEUE_INDEX_TTL`].
     pub queues: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<QueueIndex>>>,
-    /// The names of each site's live jobs, kept beside the FLJob cache by the same watch.
+    /// Each site's live jobs (the cache's own copies), kept beside the FLJob cache by the same watch.
     pub site_jobs: SiteJobs,
 }
 
