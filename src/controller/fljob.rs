@@ -41,7 +41,8 @@ pub fn controller(
             // being deleted): looked up by site, not found by walking every cached job.
             let change = SiteChange::new(&site);
             mapper_ctx
-                .live_jobs(&site.namespace().unwrap_or_default(), &site.name_any())
+                .site_jobs
+                .jobs(&site.namespace().unwrap_or_default(), &site.name_any())
                 .into_iter()
                 .filter(|j| change.affects(j))
                 .map(|j| ObjectRef::from_obj(&*j))

@@ -47,7 +47,7 @@ pub struct Context {
     /// only reads them again).
     pub secret_keys: SecretKeys,
     /// Each site's queue, derived from the caches at most once per ledger version and [`QUEUE_INDEX_TTL`].
-    pub queues: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<QueueIndex>>>,
+    pub queues: std::sync::Mutex<std::collections::HashMap<NsName, Arc<QueueIndex>>>,
     /// Each site's live jobs (the cache's own copies), kept beside the FLJob cache by the same watch.
     pub site_jobs: SiteJobs,
 }
@@ -304,17 +304,12 @@ impl Context {
         index
     }
 
-    /// The cached live jobs of a site ([`SiteJobs`]), found without walking the other sites' jobs or the finished
-    /// ones.
-    pub fn live_jobs(&self, namespace: &str, site: &str) -> Vec<Arc<FLJob>> {
-        self.site_jobs.jobs(namespace, site)
-    }
-
     /// The jobs of a site the ledger must weigh: every job not finished yet. A finished job is left out (a ledger
     /// entry without a job is released all the same), so a site's cost follows its live jobs, not the finished
     /// ones kept for their record.
     pub fn job_views(&self, namespace: &str, site: &FLSite) -> Vec<JobView> {
-        self.live_jobs(namespace, &site.name_any())
+        self.site_jobs
+            .jobs(namespace, &site.name_any())
             .iter()
             .filter(|j| !j.status.as_ref().is_some_and(|s| s.phase.is_finished()))
             .map(|j| job_view(j, site))
