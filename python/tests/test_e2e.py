@@ -1196,7 +1196,10 @@ def test_e2e_real_node(env, tmp_path_factory):  # noqa: C901 - one story, told i
             name = fljob_name(job_id, SITE)
             pod = wait_for(lambda: (((_get_or_none(lambda: fljob(job_id)) or {}).get("status") or {})
                                     .get("podName")), 90, f"pod of {name}")
-            uid = core.read_namespaced_pod(pod, ns).metadata.uid
+            # status.podName is recorded before the pod is created (the decision is written first, then acted on):
+            # the pod is read once it exists
+            uid = wait_for(lambda: _get_or_none(lambda: core.read_namespaced_pod(pod, ns)), 30,
+                           f"pod {pod} created").metadata.uid
             task0 = wait_for(lambda: waiting_task(pod, 0), 90, "round 0's task waiting")
             value = f"e2e-{uuid.uuid4().hex[:6]}"
             t_annotate = time.time()
