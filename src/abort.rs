@@ -5,7 +5,7 @@
 
 use crate::api::{AbortMethod, AbortStatus, millis, until};
 use crate::status::{PodState, code, pod_state};
-use k8s_openapi::api::core::v1::Pod;
+use crate::worker_pod::WorkerPod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ pub enum AbortPod<'a> {
     /// The pod existed and is gone now.
     Gone,
     /// The pod exists.
-    Present(&'a Pod),
+    Present(&'a WorkerPod),
 }
 
 fn after(t: &Time, d: Duration) -> i64 {
@@ -64,7 +64,7 @@ fn after(t: &Time, d: Duration) -> i64 {
 
 /// How long after its deletion a pod that is still there is force-deleted: its own termination grace period
 /// (SIGTERM to SIGKILL) plus a little slack.
-pub fn force_after(pod: &Pod) -> Duration {
+pub fn force_after(pod: &WorkerPod) -> Duration {
     let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(DEFAULT_POD_GRACE);
     Duration::from_secs(grace.max(0) as u64) + FORCE_SLACK
 }

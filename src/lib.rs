@@ -14,6 +14,7 @@ pub mod quota;
 pub mod status;
 #[cfg(test)]
 pub mod testing;
+pub mod worker_pod;
 
 /// Everything that can go wrong while reconciling. Each variant says which step failed.
 #[derive(Debug, thiserror::Error)]

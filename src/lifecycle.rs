@@ -10,7 +10,7 @@ use crate::api::{
 use crate::pod::{self, BuildError};
 use crate::quota;
 use crate::status::{Outcome, PodState, client_status_of, code, ended_before_deletion, exit_outcome, pod_state, waiting_failure};
-use k8s_openapi::api::core::v1::Pod;
+use crate::worker_pod::WorkerPod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use std::time::Duration;
@@ -79,7 +79,7 @@ pub enum PodView<'a> {
     /// The job recorded a pod and the API server confirms it is gone.
     Gone,
     /// The pod.
-    Present(&'a Pod),
+    Present(&'a WorkerPod),
 }
 
 /// Side effects for the reconciler.
@@ -632,7 +632,7 @@ fn pending_timeout(job: &FLJob, site: Option<&FLSite>) -> i64 {
         .unwrap_or(DEFAULT_PENDING_TIMEOUT_SECONDS)
 }
 
-fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
+fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &WorkerPod) {
     cx.st.pod_name = Some(p.name_any());
     let state = pod_state(p);
     let ended_cleanly = matches!(state, PodState::Exited { code: 0, .. });
@@ -779,7 +779,7 @@ fn observe_pod(cx: &mut Ctx<'_>, site: Option<&FLSite>, p: &Pod) {
 }
 
 /// NVFlare's ABORT_TASK: relayed to a running worker only, which keeps running.
-fn task_abort(cx: &mut Ctx<'_>, p: &Pod) {
+fn task_abort(cx: &mut Ctx<'_>, p: &WorkerPod) {
     if cx.st.phase != Phase::Running {
         return;
     }

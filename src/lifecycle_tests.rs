@@ -26,7 +26,7 @@ fn decide_with(job: &FLJob, site: &FLSite, pod: PodView<'_>, now: i64) -> Decisi
     decide(Input { job, site: holding(site), secrets: SecretsView::NotChecked, pod, now: t(now) })
 }
 
-fn observe(job: &FLJob, pod: &Pod) -> Decision {
+fn observe(job: &FLJob, pod: &WorkerPod) -> Decision {
     decide_with(job, &site(), PodView::Present(pod), 6000)
 }
 
@@ -44,7 +44,7 @@ fn started_job() -> FLJob {
 fn exit_code_table() {
     struct Row {
         name: &'static str,
-        pod: Pod,
+        pod: WorkerPod,
         job: FLJob,
         phase: Phase,
         reason: Option<&'static str>,
@@ -723,14 +723,14 @@ fn a_new_job_not_admitted_soon_is_written_as_queued() {
 }
 
 /// When the worker container of `pod` exited.
-fn ended_at(pod: &mut Pod, ms: i64) {
+fn ended_at(pod: &mut WorkerPod, ms: i64) {
     let c = &mut pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];
     c.state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(t(ms));
 }
 
 /// A running job aborted at 6 s whose pod delete was decided at 16 s (the grace period), and its worker pod, which
 /// exited 0 at `ended` ms.
-fn delete_decided_at_16s_worker_ended_at(ended: i64) -> (FLJob, Pod) {
+fn delete_decided_at_16s_worker_ended_at(ended: i64) -> (FLJob, WorkerPod) {
     let mut job = started_job();
     aborting(&mut job, 6000);
     job.status.as_mut().unwrap().abort.as_mut().unwrap().pod_deleted_at = Some(t(16_000));
@@ -743,7 +743,7 @@ fn waiting_state() -> k8s_openapi::api::core::v1::ContainerState {
     waiting("ContainerCreating")
 }
 
-fn released_pod(mut p: Pod) -> Pod {
+fn released_pod(mut p: WorkerPod) -> WorkerPod {
     p.metadata.finalizers = None;
     p
 }

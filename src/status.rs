@@ -1,7 +1,8 @@
 //! Pure: what a worker Pod shows -> what it means for the job: NVFlare's exit-code taxonomy and client status words.
 
 use crate::api::Phase;
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
+use crate::worker_pod::{WorkerContainerStatus, WorkerPod};
+use k8s_openapi::api::core::v1::ContainerStateTerminated;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// First line of the worker's termination message when NVFlare's ABORT reached the job (written by fljob-launcher's
@@ -83,17 +84,17 @@ pub enum PodState {
 
 /// The worker container's status, found by name: an injected sidecar (a service mesh proxy, a Vault agent) must
 /// never be read as the worker.
-fn worker_status(pod: &Pod) -> Option<&ContainerStatus> {
+fn worker_status(pod: &WorkerPod) -> Option<&WorkerContainerStatus> {
     pod.status.as_ref()?.container_statuses.as_ref()?.iter().find(|s| s.name == crate::pod::CONTAINER)
 }
 
-fn terminated_of(pod: &Pod) -> Option<&ContainerStateTerminated> {
+fn terminated_of(pod: &WorkerPod) -> Option<&ContainerStateTerminated> {
     worker_status(pod)?.state.as_ref()?.terminated.as_ref()
 }
 
 /// The pod condition Kubernetes sets when it disrupts a pod on purpose (drain, Eviction API, preemption, taint
 /// manager, node shutdown), with its reason and message.
-fn disruption_of(pod: &Pod) -> Option<(String, String)> {
+fn disruption_of(pod: &WorkerPod) -> Option<(String, String)> {
     let c = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
     Some((c.reason.clone().unwrap_or_else(|| "DisruptionTarget".into()), c.message.clone().unwrap_or_default()))
 }
@@ -108,17 +109,18 @@ pub fn finished_before(state: &PodState, at: i64) -> bool {
 /// it was deleted while it ran (the API server deletes an ended pod at once). Without one, its deletionTimestamp is
 /// the deletion's time, or the kubelet's final delete right after the container stopped: only a container that
 /// ended clearly before counts as ended by itself.
-pub fn ended_before_deletion(p: &Pod, state: &PodState) -> bool {
+pub fn ended_before_deletion(p: &WorkerPod, state: &PodState) -> bool {
     let (Some(at), Some(0)) = (&p.metadata.deletion_timestamp, p.metadata.deletion_grace_period_seconds) else { return false };
     finished_before(state, crate::api::millis(at))
 }
 
 /// Reads the worker pod's state from its phase, conditions and container statuses.
-pub fn pod_state(pod: &Pod) -> PodState {
-    let status = pod.status.clone().unwrap_or_default();
+pub fn pod_state(pod: &WorkerPod) -> PodState {
+    let none = Default::default();
+    let status = pod.status.as_ref().unwrap_or(&none);
     let phase = status.phase.as_deref().unwrap_or("Pending");
     if status.reason.as_deref() == Some("Evicted") {
-        return PodState::Evicted { message: status.message.unwrap_or_else(|| "the pod was evicted".into()) };
+        return PodState::Evicted { message: status.message.clone().unwrap_or_else(|| "the pod was evicted".into()) };
     }
     // Drained, evicted through the Eviction API or preempted: an eviction, however the container then ended.
     if let Some((reason, message)) = disruption_of(pod)
@@ -241,7 +243,7 @@ pub fn client_status_of(phase: Phase) -> &'static str {
 mod tests {
     use super::*;
 
-    fn pod(v: serde_json::Value) -> Pod {
+    fn pod(v: serde_json::Value) -> WorkerPod {
         serde_json::from_value(v).unwrap()
     }
 

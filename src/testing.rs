@@ -2,9 +2,9 @@
 #![allow(missing_docs)]
 
 use crate::api::*;
+use crate::worker_pod::{WorkerContainerStatus, WorkerPod, WorkerPodSpec, WorkerPodStatus};
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
-    PodCondition, PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, PodCondition,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use std::collections::BTreeMap;
@@ -68,8 +68,8 @@ pub fn mk_job(name: &str, site: &str) -> FLJob {
     j
 }
 
-pub fn mk_pod(phase: &str, state: ContainerState) -> Pod {
-    Pod {
+pub fn mk_pod(phase: &str, state: ContainerState) -> WorkerPod {
+    WorkerPod {
         metadata: ObjectMeta {
             name: Some("train-abcde".into()),
             namespace: Some("ns".into()),
@@ -77,10 +77,10 @@ pub fn mk_pod(phase: &str, state: ContainerState) -> Pod {
             ..Default::default()
         },
         // Scheduled (a pod no node took is a case of its own: `unschedulable_pod`).
-        spec: Some(k8s_openapi::api::core::v1::PodSpec { node_name: Some("node-0".into()), ..Default::default() }),
-        status: Some(PodStatus {
+        spec: Some(WorkerPodSpec { node_name: Some("node-0".into()), ..Default::default() }),
+        status: Some(WorkerPodStatus {
             phase: Some(phase.into()),
-            container_statuses: Some(vec![ContainerStatus { name: "worker".into(), state: Some(state), ..Default::default() }]),
+            container_statuses: Some(vec![WorkerContainerStatus { name: "worker".into(), state: Some(state) }]),
             ..Default::default()
         }),
     }
@@ -110,7 +110,7 @@ pub fn exited(code: i32, reason: &str, ran: bool) -> ContainerState {
     }
 }
 
-pub fn unschedulable_pod(since: Time) -> Pod {
+pub fn unschedulable_pod(since: Time) -> WorkerPod {
     let mut p = mk_pod("Pending", ContainerState::default());
     let st = p.status.as_mut().expect("status");
     st.container_statuses = None;
@@ -125,7 +125,7 @@ pub fn unschedulable_pod(since: Time) -> Pod {
     p
 }
 
-pub fn evicted_pod() -> Pod {
+pub fn evicted_pod() -> WorkerPod {
     let mut p = mk_pod("Failed", ContainerState::default());
     let st = p.status.as_mut().expect("status");
     st.reason = Some("Evicted".into());
@@ -133,6 +133,6 @@ pub fn evicted_pod() -> Pod {
     p
 }
 
-pub fn annotate(p: &mut Pod, k: &str, v: &str) {
+pub fn annotate(p: &mut WorkerPod, k: &str, v: &str) {
     p.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(k.into(), v.into());
 }

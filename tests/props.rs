@@ -17,6 +17,7 @@ use fljob_operator::lifecycle::{Decision, Input, PodView, QueueNote, SecretsView
 use fljob_operator::pod::{self, CREDENTIAL_ENV};
 use fljob_operator::quota::{self, Amount, JobView};
 use fljob_operator::status;
+use fljob_operator::worker_pod::WorkerPod;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource,
@@ -305,7 +306,8 @@ fn case_strategy(default_policy: bool, any_volume_kind: bool) -> impl Strategy<V
 }
 
 /// A pod in any state the kubelet, the scheduler or an eviction can leave it in.
-fn pod_strategy() -> impl Strategy<Value = Pod> {
+/// Built as a full `v1.Pod` and read as the operator reads it (`WorkerPod::from`, what the watch decodes).
+fn pod_strategy() -> impl Strategy<Value = WorkerPod> {
     let container_state = prop_oneof![
         Just(None),
         prop::option::of(0i64..100_000).prop_map(|s| Some(ContainerState { running: Some(ContainerStateRunning { started_at: s.map(t) }), ..Default::default() })),
@@ -381,6 +383,7 @@ fn pod_strategy() -> impl Strategy<Value = Pod> {
                     ..Default::default()
                 }),
             }
+            .into()
         })
 }
 
@@ -388,7 +391,7 @@ fn pod_strategy() -> impl Strategy<Value = Pod> {
 enum PodObs {
     NotFound,
     Gone,
-    Present(Box<Pod>),
+    Present(Box<WorkerPod>),
 }
 
 fn pod_obs() -> impl Strategy<Value = PodObs> {

@@ -7,6 +7,7 @@ use crate::events::{Note, transitions};
 use crate::lifecycle::{self, Decision, Input, PodView, SecretsView, SiteView, Step, decide};
 use crate::metrics::AbortLabels;
 use crate::pod::{self, CREDENTIAL_ENV};
+use crate::worker_pod::WorkerPod;
 use crate::{Error, Result, kube_err};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -24,7 +25,7 @@ pub fn controller(
     ctx: Arc<Context>,
     jobs: Trigger<FLJob>,
     sites: Trigger<FLSite>,
-    pods: Trigger<Pod>,
+    pods: Trigger<WorkerPod>,
     concurrency: u16,
 ) -> impl std::future::Future<Output = ()> {
     let job_store = ctx.jobs.clone();
@@ -127,7 +128,7 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
             SiteView::Found { site, allocation, queue_note }
         }
     };
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<WorkerPod> = Api::namespaced(ctx.client.clone(), &ns);
     let pod_name = pod::pod_name(job);
     let cached = ctx.pods.get(&ObjectRef::new(&pod_name).within(&ns));
     let recorded = job.status.as_ref().and_then(|s| s.pod_name.clone());
@@ -138,7 +139,7 @@ async fn reconcile_inner(job: &FLJob, ctx: &Context) -> Result<Action> {
         // for a pod still missing after that (a lost create, a restart between the status write and the create).
         return Ok(Action::requeue(std::time::Duration::from_secs(1)));
     }
-    let fetched: Option<Pod> = match (&cached, &recorded) {
+    let fetched: Option<WorkerPod> = match (&cached, &recorded) {
         // The cache may lag a pod we just created; only the API server can say it is gone. A finished job needs
         // no answer: its pod is never looked at again unless it is still there.
         (None, Some(name)) if !finished => pods.get_opt(name).await.map_err(kube_err("get pod"))?,
@@ -268,7 +269,7 @@ fn ok_if(codes: &[u16]) -> impl Fn(kube::Error) -> std::result::Result<(), kube:
 async fn apply(ctx: &Context, job: &FLJob, site: Option<&FLSite>, pod_name: &str, mut d: Decision) -> Result<Action> {
     let ns = job.namespace().unwrap_or_default();
     let jobs: Api<FLJob> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<WorkerPod> = Api::namespaced(ctx.client.clone(), &ns);
     let old = job.status.clone().unwrap_or_default();
     let has_finalizer = job.finalizers().iter().any(|f| f == FINALIZER);
     // A new job that checked out and fits its site: its finalizer is the mark the site admits it on, and the
