@@ -520,13 +520,6 @@ pub fn slim_job(j: &mut FLJob) {
     }
 }
 
-/// What the pod cache keeps of a worker pod: the projection `WorkerPod` decodes only what decisions read, and of its
-/// metadata the cache drops the `managedFields` (issue 12: a cached pod was ~40 KiB with its full spec, ~6.5 KiB as a
-/// `v1.Pod` with an emptied spec).
-pub fn slim_pod(p: &mut WorkerPod) {
-    p.managed_fields_mut().clear();
-}
-
 /// Runs both controllers until shutdown (SIGTERM / SIGINT).
 pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
     let (jobs, job_writer) = reflector::store::<FLJob>();
@@ -551,9 +544,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
     );
     let pod_watch = reflector::reflector(
         pod_writer,
-        watcher(api::<WorkerPod>(&client, &opts.namespace), pod_config)
-            .default_backoff()
-            .modify(slim_pod),
+        // The projection decodes only what decisions read, managedFields left out (`WorkerPod`).
+        watcher(api::<WorkerPod>(&client, &opts.namespace), pod_config).default_backoff(),
     );
 
     let (synced_tx, synced) = tokio::sync::watch::channel(0u8);
@@ -737,9 +729,8 @@ mod tests {
         full.metadata.managed_fields = Some(vec![Default::default()]);
         let f = full.spec.as_ref().unwrap();
         assert!(f.volumes.as_ref().is_some_and(|v| !v.is_empty()) && f.containers[0].env.as_ref().is_some_and(|e| !e.is_empty()), "the built pod has volumes and env to drop");
-        // what the watch decodes, then what the cache keeps of it
-        let mut slim: WorkerPod = serde_json::from_value(serde_json::to_value(&full).unwrap()).expect("decodes");
-        slim_pod(&mut slim);
+        // what the watch decodes is what the cache keeps
+        let slim: WorkerPod = serde_json::from_value(serde_json::to_value(&full).unwrap()).expect("decodes");
         let s = slim.spec.as_ref().unwrap();
         assert_eq!(s.node_name.as_deref(), Some("node-1"));
         assert_eq!(s.termination_grace_period_seconds, f.termination_grace_period_seconds);
