@@ -21,7 +21,8 @@ use tracing::{info, instrument, warn};
 pub const LEDGER_PACE: Duration = Duration::from_millis(50);
 
 /// Builds the FLSite controller on the shared caches.
-pub fn controller(ctx: Arc<Context>, sites: Trigger<FLSite>, jobs: Trigger<FLJob>) -> impl std::future::Future<Output = ()> {
+/// `jobs` are the sites of the jobs that changed, one per change.
+pub fn controller(ctx: Arc<Context>, sites: Trigger<FLSite>, jobs: Trigger<ObjectRef<FLSite>>) -> impl std::future::Future<Output = ()> {
     let store = ctx.sites.clone();
     Controller::for_stream(sites.map(Ok), store)
         .reconcile_on(paced_sites(jobs, LEDGER_PACE))
@@ -31,25 +32,24 @@ pub fn controller(ctx: Arc<Context>, sites: Trigger<FLSite>, jobs: Trigger<FLJob
         .for_each(|_| async {})
 }
 
-/// The sites whose jobs changed, each at most once per `pace` and never later than `pace` after the first change
-/// it gathers. The controller's own debounce (which this replaces) restarts its wait at every new request: in a
+/// The sites of changed jobs (`jobs`, one per change), each at most once per `pace` and never later than `pace` after
+/// the first change it gathers. The controller's own debounce (which this replaces) restarts its wait at every new request: in a
 /// burst, job changes come faster than any quiet period, and the ledger waited for a lull while the jobs it should
 /// admit waited for it (issue 12: half the jobs of a 10,000-job burst were written as Queued for that wait). A
 /// change that comes while the site's reconcile runs is kept by the controller and runs once after it.
-pub fn paced_sites(jobs: impl futures::Stream<Item = FLJob> + Send + 'static, pace: Duration) -> impl futures::Stream<Item = ObjectRef<FLSite>> + Send + 'static {
+pub fn paced_sites(jobs: impl futures::Stream<Item = ObjectRef<FLSite>> + Send + 'static, pace: Duration) -> impl futures::Stream<Item = ObjectRef<FLSite>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut jobs = std::pin::pin!(jobs);
-        let site_of = |j: &FLJob| ObjectRef::<FLSite>::new(&j.spec.site).within(&j.namespace().unwrap_or_default());
         let mut touched = std::collections::HashSet::new();
-        while let Some(j) = jobs.next().await {
-            touched.insert(site_of(&j));
+        while let Some(site) = jobs.next().await {
+            touched.insert(site);
             let until = tokio::time::Instant::now() + pace;
             let mut open = true;
             while open {
                 tokio::select! {
                     next = jobs.next() => match next {
-                        Some(j) => { touched.insert(site_of(&j)); }
+                        Some(site) => { touched.insert(site); }
                         None => open = false,
                     },
                     _ = tokio::time::sleep_until(until) => break,
@@ -148,6 +148,10 @@ mod tests {
     use crate::testing::mk_job;
     use futures::StreamExt;
 
+    fn site_of(j: &FLJob) -> ObjectRef<FLSite> {
+        ObjectRef::new(&j.spec.site).within(&j.namespace().unwrap_or_default())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_steady_stream_of_job_changes_never_holds_the_ledger_back() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -157,7 +161,7 @@ mod tests {
             // a change every 10 ms for 1 s, alternating two jobs of site-a and one of site-b: never a 50 ms lull
             for i in 0..100 {
                 let job = match i % 3 { 0 => mk_job("a1", "site-a"), 1 => mk_job("a2", "site-a"), _ => mk_job("b1", "site-b") };
-                tx.send(job).unwrap();
+                tx.send(site_of(&job)).unwrap();
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await; // then quiet, and the end of the stream
@@ -182,8 +186,8 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut sites = std::pin::pin!(paced_sites(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), LEDGER_PACE));
         let start = tokio::time::Instant::now();
-        tx.send(mk_job("a1", "site-a")).unwrap();
-        tx.send(mk_job("a2", "site-a")).unwrap();
+        tx.send(site_of(&mk_job("a1", "site-a"))).unwrap();
+        tx.send(site_of(&mk_job("a2", "site-a"))).unwrap();
         let first = sites.next().await.expect("the site");
         assert_eq!((first.name.as_str(), first.namespace.as_deref()), ("site-a", Some("ns")));
         assert_eq!(start.elapsed(), LEDGER_PACE);

@@ -525,7 +525,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
     let (jobs, job_writer) = reflector::store::<FLJob>();
     let (sites, site_writer) = reflector::store::<FLSite>();
     let (pods, pod_writer) = reflector::store::<WorkerPod>();
-    let (job_out, mut job_triggers) = FanOut::new(2);
+    let (job_out, mut job_triggers) = FanOut::new(1);
+    // The ledger needs only which site a changed job belongs to, not a copy of the job.
+    let (ledger_tx, ledger_triggers) = tokio::sync::mpsc::unbounded_channel();
     let (site_out, mut site_triggers) = FanOut::new(2);
     let (pod_out, mut pod_triggers) = FanOut::new(1);
 
@@ -576,12 +578,17 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, opts: Options) {
 
     let (jt, st, pt) = (job_triggers.remove(0), site_triggers.remove(0), pod_triggers.remove(0));
     let job_ctl = fljob::controller(ctx.clone(), jt, st, pt, opts.concurrency);
-    let site_ctl = flsite::controller(ctx.clone(), site_triggers.remove(0), job_triggers.remove(0));
+    let site_ctl = flsite::controller(ctx.clone(), site_triggers.remove(0), Trigger::new(ledger_triggers));
     let gauges = refresh_gauges(ctx.clone());
     let orphans = release_orphans(ctx.clone());
     tokio::select! {
         _ = futures::future::join(job_ctl, site_ctl) => tracing::info!("controllers stopped"),
-        _ = drive("fljobs", job_watch, job_out, synced_tx.clone(), |e| ctx.site_jobs.observe(e, &ctx.jobs)) => {},
+        _ = drive("fljobs", job_watch, job_out, synced_tx.clone(), |e| {
+            ctx.site_jobs.observe(e, &ctx.jobs);
+            if let watcher::Event::Apply(j) | watcher::Event::InitApply(j) | watcher::Event::Delete(j) = e {
+                let _ = ledger_tx.send(ObjectRef::<FLSite>::new(&j.spec.site).within(&j.namespace().unwrap_or_default()));
+            }
+        }) => {},
         _ = drive("flsites", site_watch, site_out, synced_tx.clone(), |_| {}) => {},
         _ = drive("pods", pod_watch, pod_out, synced_tx, |_| {}) => {},
         _ = gauges => {},
