@@ -3,7 +3,7 @@
 //! decisions can never over-admit, and a release can never happen twice.
 
 use super::{Context, Trigger};
-use crate::api::{FLJob, FLSite, FLSiteStatus, condition, set_condition};
+use crate::api::{FLSite, FLSiteStatus, condition, set_condition};
 use crate::metrics::{QueueLabels, SiteLabels};
 use crate::quota;
 use crate::{Error, Result, kube_err};
@@ -148,7 +148,7 @@ mod tests {
     use crate::testing::mk_job;
     use futures::StreamExt;
 
-    fn site_of(j: &FLJob) -> ObjectRef<FLSite> {
+    fn site_of(j: &crate::api::FLJob) -> ObjectRef<FLSite> {
         ObjectRef::new(&j.spec.site).within(&j.namespace().unwrap_or_default())
     }
 
